@@ -1,0 +1,92 @@
+"""The public functional op: argument checks, then dispatch to a registered implementation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import registry
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_kernel_size(kernel_size: object) -> int:
+    """kernel_size must be an odd int >= 1 (the window is centred on the query)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"kernel_size: expected an odd int >= 1, got {type(kernel_size).__name__} {kernel_size!r}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size: expected an odd int >= 1, got {kernel_size}")
+    return kernel_size
+
+
+def rel_shapes(heads: int, kernel_size: int, head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Shapes of rel_row and rel_col: rows get the first D // 2 channels, columns the rest."""
+    rows = head_dim // 2
+    return (heads, kernel_size, rows), (heads, kernel_size, head_dim - rows)
+
+
+def check_inputs(q, k, v, rel_row, rel_col, kernel_size, scale) -> None:
+    """Raise a ValueError/TypeError naming the offending argument when the inputs break the contract."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(f"{name}: expected rank 5 (B, heads, H, W, D), got shape {tuple(t.shape)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: expected a floating dtype {[str(d) for d in FLOAT_DTYPES]}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    check_kernel_size(kernel_size)
+    if (rel_row is None) != (rel_col is None):
+        raise ValueError("rel_row, rel_col: give both relative embeddings or neither")
+    heads, head_dim = q.shape[1], q.shape[4]
+    tensors = [("k", k), ("v", v)]
+    if rel_row is not None:
+        expected_row, expected_col = rel_shapes(heads, kernel_size, head_dim)
+        for name, t, expected in (("rel_row", rel_row, expected_row), ("rel_col", rel_col, expected_col)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name}: expected shape (heads, kernel_size, D part) = {expected}, got {tuple(t.shape)}")
+            tensors.append((name, t))
+    for name, t in tensors:
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device} but q is on {q.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+
+
+def select_impl(impl: str, device: torch.device, dtype: torch.dtype, with_rel: bool) -> registry.Impl:
+    """Look ``impl`` up ('auto' picks the preferred one) and check it can run here with these inputs."""
+    if impl == "auto":
+        return registry.resolve_auto(device, dtype, with_rel)
+    chosen = registry.get_impl(impl)
+    ok, reason = chosen.available(device, dtype)
+    if not ok:
+        raise ValueError(f"impl: {impl!r} is not available on {device} for {dtype}: {reason}")
+    if with_rel and not chosen.supports_rel:
+        raise ValueError(f"impl: {impl!r} has no relative-position term; pass rel_row=rel_col=None")
+    return chosen
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_row: Optional[torch.Tensor],
+    rel_col: Optional[torch.Tensor],
+    kernel_size: int,
+    impl: str = "unfold",
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """SASA local attention over the k x k window of every pixel (DESIGN.md: "The operation").
+
+    q, k, v: (B, heads, H, W, D); rel_row: (heads, k, D // 2) and rel_col: (heads, k, D - D // 2), or
+    both None for content-only attention. Returns (B, heads, H, W, D) in the input dtype.
+    """
+    check_inputs(q, k, v, rel_row, rel_col, kernel_size, scale)
+    chosen = select_impl(impl, q.device, q.dtype, rel_row is not None)
+    return chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale))
