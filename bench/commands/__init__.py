@@ -1,0 +1,1 @@
+"""One module per `sasa-bench` subcommand; each defines ``register(subparsers)``."""
