@@ -65,10 +65,13 @@ def register(impl: Impl) -> Impl:
 
 
 def load_all() -> None:
-    """Import every module of ``sasa_impls.impls`` so each registers itself."""
+    """Import every public module of ``sasa_impls.impls`` so each registers itself (``_name`` modules
+    are helpers an implementation imports itself, e.g. kernels that need an optional dependency)."""
     from . import impls
 
     for module in sorted(pkgutil.iter_modules(impls.__path__), key=lambda m: m.name):
+        if module.name.startswith("_"):
+            continue
         importlib.import_module(f"{impls.__name__}.{module.name}")
 
 
