@@ -13,22 +13,24 @@ import torch
 from ..common import MASKED_LOGIT, compute_dtype, factorized_rel_logits
 from ..registry import Impl, register
 
-# Query block edge. A block computes (b + k - 1)^2 logits per query instead of k^2, so small blocks waste
-# less arithmetic, but each block is one small matmul of b^2 rows, and small blocks run them inefficiently
-# and copy the halo more often ((1 + (k - 1) / b)^2 copies of K and V). 8 (64 query rows per matmul) was
-# the fastest of 4, 8, 12 and 16 on CPU for k in 3..19 (scripts/tune_memory_blocks.py prints the sweep).
-DEFAULT_BLOCK = 8
+# Query block edge per device type. A block computes (b + k - 1)^2 logits per query instead of k^2 and copies
+# K and V (1 + (k - 1) / b)^2 times, so small blocks waste less; but each block is one matmul with b^2 query rows,
+# and too few rows run inefficiently. On CPU (1 thread, fp32 forward, min of 7-15 runs) b = 4 was fastest or
+# within 20% of the fastest of b in {2, 4, 6, 8, 12, 16} at 32x32 D=16 k=3..19 and at the ResNet-50 layer shapes
+# (k=19, 32x32: b=4 26.6 ms, b=8 29.9 ms, b=16 76.2 ms; unfold 272 ms). On CUDA, 64-row tiles (b = 8) keep the
+# tensor cores fed; not yet measured on a GPU.
+BLOCK_BY_DEVICE = {"cpu": 4, "cuda": 8}
 
 
-def block_size(kernel_size: int, height: int, width: int) -> int:
-    """The query block edge for this shape: DEFAULT_BLOCK, but never larger than the image."""
-    return max(1, min(DEFAULT_BLOCK, max(height, width)))
+def block_size(height: int, width: int, device: torch.device) -> int:
+    """The query block edge for this shape and device, never larger than the image."""
+    return max(1, min(BLOCK_BY_DEVICE.get(device.type, 8), max(height, width)))
 
 
 def memory_blocks_attention(q, k, v, rel_row, rel_col, kernel_size: int, scale: float = 1.0, block: int | None = None) -> torch.Tensor:
     batch, heads, height, width, head_dim = q.shape
     ct = compute_dtype(q.dtype)
-    b = block or block_size(kernel_size, height, width)
+    b = block or block_size(height, width, q.device)
     halo = b + kernel_size - 1
     radius = kernel_size // 2
     blocks_h, blocks_w = math.ceil(height / b), math.ceil(width / b)

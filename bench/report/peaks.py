@@ -1,0 +1,51 @@
+"""Published peak throughput of known GPUs (dense, no sparsity), for the fraction-of-peak columns and rooflines.
+
+fp32 is the non-tensor-core rate (PyTorch does not use TF32 for fp32 matmuls unless asked); fp16 and
+bf16 are the dense tensor-core rates. Names are matched as substrings of the NVML name, first match wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Peak FLOP/s per dtype name and memory bandwidth (bytes/s) of one GPU model."""
+
+    flops: dict[str, float]
+    bandwidth: float
+
+
+_H100_SXM = Peak({"float32": 67e12, "bfloat16": 989e12, "float16": 989e12}, 3.35e12)
+PEAKS: tuple[tuple[str, Peak], ...] = (
+    ("H100 PCIe", Peak({"float32": 51e12, "bfloat16": 756e12, "float16": 756e12}, 2.0e12)),
+    ("H100", _H100_SXM),
+    ("H200", Peak(_H100_SXM.flops, 4.8e12)),  # same compute as H100 SXM, faster memory
+    ("A100", Peak({"float32": 19.5e12, "bfloat16": 312e12, "float16": 312e12}, 2.039e12)),
+)
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+def dtype_name(dtype) -> str:
+    """Canonical dtype name: 'torch.bfloat16', 'bf16' and 'bfloat16' all give 'bfloat16'."""
+    name = str(dtype).removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def element_size(dtype) -> int:
+    """Bytes per element of a floating dtype name."""
+    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype_name(dtype), 4)
+
+
+def gpu_peak(gpu_name: str | None) -> Peak | None:
+    """The peak of the GPU whose NVML name contains a known model, else None (unknown: no fraction shown)."""
+    for pattern, peak in PEAKS:
+        if gpu_name and pattern.lower() in gpu_name.lower():
+            return peak
+    return None
+
+
+def peak_flops(gpu_name: str | None, dtype) -> float | None:
+    """Peak FLOP/s of ``gpu_name`` in ``dtype``, or None when either is unknown."""
+    peak = gpu_peak(gpu_name)
+    return peak.flops.get(dtype_name(dtype)) if peak else None

@@ -1,0 +1,112 @@
+"""Bad input gets a ValueError/TypeError that names the argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sasa_impls
+from sasa_impls import registry
+
+from helpers import random_inputs
+
+
+def call(q, k, v, rel_row, rel_col, kernel_size=3, **kwargs):
+    return sasa_impls.local_attention(q, k, v, rel_row, rel_col, kernel_size, **kwargs)
+
+
+@pytest.fixture
+def inputs():
+    return list(random_inputs(1, 2, 5, 5, 4, 3, True, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kernel_size, error", [(4, ValueError), (0, ValueError), (-3, ValueError), (3.0, TypeError), (True, TypeError)])
+def test_kernel_size_must_be_odd_positive_int(inputs, kernel_size, error):
+    with pytest.raises(error, match="kernel_size"):
+        call(*inputs[:3], None, None, kernel_size)
+
+
+def test_rank_is_checked(inputs):
+    inputs[0] = inputs[0][0]
+    with pytest.raises(ValueError, match=r"^q: expected rank 5"):
+        call(*inputs)
+
+
+@pytest.mark.parametrize("position, name", [(1, "k"), (2, "v")])
+def test_k_v_must_match_q(inputs, position, name):
+    inputs[position] = inputs[position][..., :3]
+    with pytest.raises(ValueError, match=rf"^{name}: expected the shape of q"):
+        call(*inputs)
+
+
+@pytest.mark.parametrize("position, name", [(3, "rel_row"), (4, "rel_col")])
+def test_rel_embedding_shape(inputs, position, name):
+    inputs[position] = torch.randn(2, 5, 2)  # built for k = 5, used with k = 3
+    with pytest.raises(ValueError, match=rf"^{name}: expected shape \(heads, kernel_size, D part\) = \(2, 3, 2\)"):
+        call(*inputs)
+
+
+def test_rel_embeddings_come_in_pairs(inputs):
+    with pytest.raises(ValueError, match="rel_row, rel_col"):
+        call(*inputs[:4], None)
+
+
+def test_mixed_dtypes(inputs):
+    inputs[2] = inputs[2].double()
+    with pytest.raises(TypeError, match=r"^v: dtype torch.float64 differs from q's torch.float32"):
+        call(*inputs)
+
+
+def test_integer_inputs(inputs):
+    inputs[0] = inputs[0].to(torch.int32)
+    with pytest.raises(TypeError, match="^q: expected a floating dtype"):
+        call(*inputs)
+
+
+def test_mixed_devices(inputs):
+    inputs[1] = inputs[1].to("meta")
+    with pytest.raises(ValueError, match=r"^k: on meta but q is on cpu"):
+        call(*inputs)
+
+
+def test_unknown_impl_lists_known(inputs):
+    with pytest.raises(ValueError, match=r"impl: unknown implementation 'nope'; known: .*memory_blocks.*unfold"):
+        call(*inputs, impl="nope")
+
+
+def test_unavailable_impl_gives_reason(inputs, monkeypatch):
+    never = registry.Impl(name="never", forward=lambda *a: None, description="test", check=lambda device, dtype: (False, "needs a flux capacitor"))
+    monkeypatch.setitem(registry._REGISTRY, "never", never)
+    with pytest.raises(ValueError, match=r"impl: 'never' is not available on cpu for torch.float32: needs a flux capacitor"):
+        call(*inputs, impl="never")
+
+
+def test_content_only_impl_rejects_rel(inputs, monkeypatch):
+    content_only = registry.Impl(name="content_only", forward=lambda *a: None, description="test", supports_rel=False)
+    monkeypatch.setitem(registry._REGISTRY, "content_only", content_only)
+    with pytest.raises(ValueError, match="no relative-position term"):
+        call(*inputs, impl="content_only")
+
+
+def test_scale_type(inputs):
+    with pytest.raises(TypeError, match="^scale"):
+        call(*inputs, scale="1")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(in_channels=16, out_channels=12, heads=8), "heads: 8 does not divide out_channels=12"),
+        (dict(in_channels=16, out_channels=16, kernel_size=6), "kernel_size"),
+        (dict(in_channels=16, out_channels=16, stride=3), "stride"),
+        (dict(in_channels=0, out_channels=16), "in_channels"),
+    ],
+)
+def test_layer_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sasa_impls.SASA2d(**kwargs)
+
+
+def test_layer_unknown_impl_fails_at_forward_with_the_list():
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2, impl="nope")
+    with pytest.raises(ValueError, match="known:"):
+        layer(torch.randn(1, 8, 4, 4))

@@ -1,0 +1,98 @@
+"""SASA2d and AttentionStem: shapes, stride, parameter counts, and the same output from every impl."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sasa_impls
+from bench.flops import attention_params
+
+from test_correctness import masked_impls
+
+
+@pytest.mark.parametrize("in_channels, out_channels, kernel_size, heads", [(16, 32, 3, 4), (24, 24, 7, 8), (8, 16, 19, 2)])
+def test_parameter_count_is_independent_of_k(in_channels, out_channels, kernel_size, heads):
+    layer = sasa_impls.SASA2d(in_channels, out_channels, kernel_size, heads)
+    assert sum(p.numel() for p in layer.parameters()) == attention_params(in_channels, out_channels, kernel_size)
+    assert 3 * in_channels * out_channels + kernel_size * out_channels == attention_params(in_channels, out_channels, kernel_size)
+
+
+@pytest.mark.parametrize("stride, height, width", [(1, 9, 6), (2, 8, 6), (2, 9, 7)])
+def test_output_shape_and_stride(stride, height, width):
+    layer = sasa_impls.SASA2d(8, 16, 5, heads=4, stride=stride)
+    out = layer(torch.randn(2, 8, height, width))
+    assert out.shape == (2, 16, height // stride, width // stride)
+
+
+def test_stride_two_is_average_pool_of_stride_one():
+    x = torch.randn(1, 8, 8, 6, dtype=torch.float64)
+    strided = sasa_impls.SASA2d(8, 8, 3, heads=2, stride=2).double()
+    unstrided = sasa_impls.SASA2d(8, 8, 3, heads=2, stride=1).double()
+    unstrided.load_state_dict(strided.state_dict())
+    torch.testing.assert_close(strided(x), torch.nn.functional.avg_pool2d(unstrided(x), 2))
+
+
+def test_layer_applies_the_op_to_its_projections():
+    """SASA2d = 1x1 projections, head split, the op with its embeddings: checked against the reference op."""
+    from sasa_impls.impls.reference import reference_attention
+
+    layer = sasa_impls.SASA2d(6, 8, 3, heads=2, impl="unfold").double()
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+
+    def heads(t):  # (B, C, H, W) -> (B, heads, H, W, D)
+        return t.reshape(2, 2, 4, 5, 4).permute(0, 1, 3, 4, 2)
+
+    q, k, v = heads(layer.query(x)), heads(layer.key(x)), heads(layer.value(x))
+    expected = reference_attention(q, k, v, layer.rel.rel_row, layer.rel.rel_col, 3)
+    torch.testing.assert_close(layer(x), expected.permute(0, 1, 4, 2, 3).reshape(2, 8, 5, 4))
+
+
+def test_every_impl_gives_the_same_module_output():
+    torch.manual_seed(0)
+    base = sasa_impls.SASA2d(8, 16, 5, heads=4, impl="reference").double()
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    expected = base(x)
+    for impl in masked_impls("cpu", torch.float64):
+        layer = copy.deepcopy(base)
+        layer.impl = impl
+        torch.testing.assert_close(layer(x), expected, msg=lambda m: f"{impl}: {m}")
+
+
+def test_auto_picks_an_available_full_contract_impl():
+    chosen = sasa_impls.registry.resolve_auto("cpu", torch.float32)
+    assert chosen.borders == "masked" and chosen.supports_rel
+    assert chosen.available("cpu", torch.float32)[0]
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2)  # impl="auto"
+    assert layer(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5)
+
+
+def test_attention_stem_shapes_and_spatially_aware_values():
+    stem = sasa_impls.AttentionStem(3, 16, kernel_size=5, heads=2, value_mixtures=4, pool=4).double()
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    assert stem(x).shape == (2, 16, 4, 3)
+    p = stem.mixture_weights(8, 8)
+    assert p.shape == (4, 8, 8)
+    torch.testing.assert_close(p.sum(0), torch.ones(8, 8, dtype=torch.float64))
+    # aligned with the 4 x 4 pooling windows: the mixture repeats every 4 pixels and varies inside a window
+    torch.testing.assert_close(p[:, :4, :4], p[:, 4:, 4:])
+    assert not torch.allclose(p[:, 0, 0], p[:, 1, 2])
+
+
+def test_attention_stem_same_output_for_every_impl():
+    torch.manual_seed(0)
+    base = sasa_impls.AttentionStem(3, 8, kernel_size=3, heads=2, impl="reference").double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    expected = base(x)
+    for impl in masked_impls("cpu", torch.float64):
+        stem = copy.deepcopy(base)
+        stem.impl = impl
+        torch.testing.assert_close(stem(x), expected, msg=lambda m: f"{impl}: {m}")
+
+
+def test_layer_backward_reaches_every_parameter():
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2, impl="memory_blocks")
+    layer(torch.randn(2, 8, 6, 6)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
