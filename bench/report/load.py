@@ -6,9 +6,10 @@ from typing import Iterable
 
 import pandas as pd
 
+from bench.cases import Case
 from bench.store import read_rows
 
-CASE_COLUMNS = ("impl", "k", "channels", "heads", "res", "batch", "dtype", "device", "direction")
+CASE_COLUMNS = tuple(Case.__dataclass_fields__)  # impl, k, channels, heads, res, batch, dtype, device, direction
 GROUP_COLUMNS = ("machine", "device", "dtype", "direction")  # one set of tables per group
 SWEEP_COLUMNS = ("k", "channels", "heads", "res", "batch")  # the case variables inside a group
 ROW_COLUMNS = CASE_COLUMNS + (

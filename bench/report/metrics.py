@@ -47,7 +47,8 @@ def peak_fraction(row: dict) -> float | None:
 
 def compulsory_bytes(row: dict) -> float | None:
     """Bytes a perfect kernel must move: input, output and weights once per pass (lower bound on traffic)."""
-    batch, channels, res, params = (as_number(row.get(c)) for c in ("batch", "channels", "res", "params"))
+    batch, channels, res = (as_number(row.get(c)) for c in ("batch", "channels", "res"))
+    params = as_number(row.get("params")) or as_number(row.get("params_analytic"))
     passes = DIRECTION_PASSES.get(row.get("direction"))
     if None in (batch, channels, res, passes):
         return None
@@ -68,7 +69,7 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("memory", "peak memory", "MiB", _scaled("peak_mem_bytes", 2.0**-20)),
     Metric("gflops", "achieved", "GFLOP/s", _scaled("gflops", 1.0)),
     Metric("peak_fraction", "fraction of peak", "%", peak_fraction),
-    Metric("macs", "forward MACs, analytic", "GMAC", _scaled("macs_analytic", 1e-9), needs_ok=False),
-    Metric("fvcore", "forward flops, fvcore (1 MAC = 1 flop)", "GMAC", _scaled("flops_fvcore", 1e-9), needs_ok=False),
+    Metric("macs", "forward MACs", "GMAC", _scaled("macs_analytic", 1e-9), needs_ok=False),
+    Metric("fvcore", "forward MACs counted by fvcore", "GMAC", _scaled("flops_fvcore", 1e-9), needs_ok=False),
     Metric("intensity", "arithmetic intensity", "FLOP/byte", intensity, needs_ok=False),
 )}

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import matplotlib
+from matplotlib.ticker import NullLocator
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot is imported)
@@ -86,7 +87,7 @@ def render_lines(spec: LinePlot) -> Figure:
     xs = sorted({p.x for line in spec.lines for p in line.points})
     if xs and len(xs) <= 12:
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.minorticks_off() if not spec.log_y else ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set(title=spec.title, xlabel=spec.x_label, ylabel=spec.y_label)
     ax.grid(True, which="both", alpha=0.3)
     if spec.lines:
@@ -100,7 +101,8 @@ def render_roofline(spec: Roofline) -> Figure:
     xs = [x for points in spec.points.values() for x, _ in points] or [1.0]
     low, high = min(xs) / 4, max(max(xs) * 4, 4 * spec.peak_flops / spec.bandwidth)
     ridge = spec.peak_flops / spec.bandwidth
-    ax.plot([low, ridge, high], [low * spec.bandwidth, spec.peak_flops, spec.peak_flops], color="black", label="roof")
+    ax.plot([low, ridge, high], [low * spec.bandwidth, spec.peak_flops, spec.peak_flops], color="black",
+            label=f"roof: {spec.peak_flops / 1e12:g} TFLOP/s, {spec.bandwidth / 1e12:g} TB/s")
     for impl, points in spec.points.items():
         ax.plot([x for x, _ in points], [y for _, y in points], "o", label=impl, alpha=0.8)
     ax.set(xscale="log", yscale="log", title=spec.title, xlabel="arithmetic intensity (FLOP/byte, compulsory traffic)",

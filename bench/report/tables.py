@@ -48,6 +48,7 @@ class TableSpec:
     unit: str
     cell: Callable[[dict, dict[str, dict]], str]
     impls: Callable[[list[str]], list[str]] = lambda impls: impls
+    shown: Callable[[list[dict]], bool] = lambda rows: True
 
 
 def metric_cell(metric: Metric) -> Callable[[dict, dict[str, dict]], str]:
@@ -87,13 +88,16 @@ TABLES: dict[str, TableSpec] = {
     "speedup": TableSpec(f"Speed-up over {BASELINE_IMPL} (higher is faster)", "×", speedup_cell,
                          lambda impls: [i for i in impls if i != BASELINE_IMPL]),
     "gflops": TableSpec("Achieved throughput, 2 × analytic MACs × passes / latency", "GFLOP/s", metric_cell(METRICS["gflops"])),
-    "peak_fraction": TableSpec("Fraction of the GPU's peak FLOP/s", "%", metric_cell(METRICS["peak_fraction"])),
+    "peak_fraction": TableSpec("Fraction of the GPU's peak FLOP/s", "%", metric_cell(METRICS["peak_fraction"]),
+                               shown=lambda rows: any(METRICS["peak_fraction"].of(r) is not None for r in rows)),
 }
 
 
-def group_table(frame: pd.DataFrame, spec: TableSpec) -> str:
-    """One Markdown table of ``spec`` over the rows of one device/dtype/direction group."""
+def group_table(frame: pd.DataFrame, spec: TableSpec) -> str | None:
+    """One Markdown table of ``spec`` over the rows of one device/dtype/direction group (None: not shown)."""
     records = frame.to_dict("records")
+    if not spec.shown(records):
+        return None
     impls = spec.impls(impl_order([r["impl"] for r in records]))
     cases: dict[tuple, dict[str, dict]] = {}
     for row in records:

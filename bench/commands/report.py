@@ -1,0 +1,27 @@
+"""`sasa-bench report`: tables and plots from result rows into reports/README.md and PNGs."""
+from __future__ import annotations
+
+import argparse
+
+from bench.cli import UsageError
+from bench.report.index import write_report
+from bench.report.load import load
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="write reports/README.md and plots from result rows",
+                                   description="Tables (latency, memory, speed-up, GFLOP/s, fraction of peak) and plots "
+                                               "per machine/device/dtype/direction; latest run per machine and case.")
+    parser.add_argument("--results", nargs="+", default=["results"], metavar="PATH",
+                        help="result files or folders (default: results/)")
+    parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    frame = load(args.results)
+    if frame.empty:
+        raise UsageError(f"--results: no result rows under {' '.join(args.results)} (run `sasa-bench run` first)")
+    readme = write_report(frame, args.out, args.results)
+    print(f"wrote {readme} ({len(frame)} rows)")
+    return 0

@@ -1,0 +1,102 @@
+"""reports/README.md: the index (machines, commits, dates) and, per device/dtype/direction, tables and plots."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from .figures import roofline, slug, sweep_figures
+from .load import GROUP_COLUMNS
+from .plots import save
+from .tables import TABLES, fmt, group_table, markdown
+
+HOW_TO_READ = """\
+Each section is one machine, device, dtype and direction (`fwd`, or `fwd+bwd` = forward and backward).
+Rows are cases (k, channels, heads, resolution, batch); columns are implementations (`conv` is the
+nn.Conv2d k x k baseline). A **bold word** in place of a number is the case's status: `oom` (out of
+memory), `timeout`, `error`, `incorrect` (output did not match the reference, so it was not timed),
+`unsupported` (the implementation does not run on that device/dtype). Plots mark those cases with an x at
+the top. Throughput = 2 x analytic MACs x (1 for fwd, 3 for fwd+bwd) / median latency; the analytic MACs
+count the relative logits per key for `unfold` and factorized for the others (see DESIGN.md). Fraction of
+peak and the roofline use the GPU's published dense peak (bench/report/peaks.py); the roofline's
+arithmetic intensity counts compulsory traffic only (input, output and weights moved once per pass)."""
+
+
+def write_report(frame: pd.DataFrame, out_dir: str | os.PathLike, sources: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``out_dir/README.md`` and its PNGs from ``frame`` (see load.rows_frame); returns the README path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(s) for s in sources]
+    parts = ["# sasa-bench report", "",
+             f"From {len(frame)} result rows (latest run per machine and case) under {', '.join(sources) or 'the given rows'}.",
+             "", "## Machines", "", machines_table(frame), "", "## How to read", "", HOW_TO_READ, ""]
+    if (out_dir / "claim.md").exists():
+        parts += ["The k = 19 vs k = 3 cost claim: [claim.md](claim.md).", ""]
+    for values, group in frame.groupby(list(GROUP_COLUMNS), sort=True, dropna=False):
+        parts += group_section(dict(zip(GROUP_COLUMNS, values)), group, out_dir)
+    parts += models_section(sources)
+    readme = out_dir / "README.md"
+    readme.write_text("\n".join(parts).rstrip() + "\n")
+    return readme
+
+
+def machines_table(frame: pd.DataFrame) -> str:
+    """One line per machine: devices, CPU, GPU, commits, date range and row count."""
+    rows = []
+    for machine, rows_of in frame.groupby("machine", sort=True, dropna=False):
+        commits = sorted({f"{str(c)[:10]}{' (dirty)' if d else ''}" for c, d in zip(rows_of["commit"], rows_of["dirty"]) if c})
+        stamps = sorted(str(t) for t in rows_of["timestamp"].dropna())
+        rows.append([machine, ", ".join(sorted(map(str, rows_of["device"].dropna().unique()))), _unique(rows_of["cpu"]),
+                     _unique(rows_of["gpu"]), ", ".join(commits), f"{stamps[0][:10]} .. {stamps[-1][:10]}" if stamps else "",
+                     str(len(rows_of))])
+    return markdown(["machine", "devices", "CPU", "GPU", "commits", "dates (UTC)", "rows"], rows)
+
+
+def group_section(group_key: dict, group: pd.DataFrame, out_dir: Path) -> list[str]:
+    """The tables and plots of one machine/device/dtype/direction."""
+    device_name = group["device_name"].iloc[0]
+    title = f"{device_name}, {group_key['dtype']}, {group_key['direction']}"
+    prefix = slug(group_key["machine"], group_key["device"], group_key["dtype"], group_key["direction"])
+    parts = [f"## {group_key['machine']}: {title}", ""]
+    for spec in TABLES.values():
+        table = group_table(group, spec)
+        parts += [table, ""] if table else []
+    figures = sweep_figures(group, title, prefix)
+    roof = roofline(group, title, prefix)
+    for spec in figures + ([roof] if roof else []):
+        parts += [f"![{spec.title.splitlines()[0]}]({save(spec, out_dir)})", ""]
+    return parts
+
+
+def models_section(sources: Iterable[str]) -> list[str]:
+    """Tables of ``models.json`` files found under the result folders (written by `sasa-bench models`).
+
+    Generic: a JSON list of flat objects, or an object holding such a list under "rows", becomes one table.
+    """
+    parts = []
+    for source in map(Path, sources):
+        for path in sorted(source.rglob("models.json")) if source.is_dir() else []:
+            data = json.loads(path.read_text())
+            rows = data.get("rows", [data]) if isinstance(data, dict) else data
+            rows = [r for r in rows if isinstance(r, dict)]
+            if not rows:
+                continue
+            headers = list(dict.fromkeys(k for r in rows for k in r))
+            cells = [[_cell(r.get(h)) for h in headers] for r in rows]
+            parts += [f"## Models: {path.parent.name}", "", markdown(headers, cells), ""]
+    return parts
+
+
+def _unique(column: pd.Series) -> str:
+    values = sorted({str(v.get("name") if isinstance(v, dict) else v) for v in column.dropna()})
+    return ", ".join(values)
+
+
+def _cell(value) -> str:
+    """A models-table cell: numbers with 3 significant digits, nothing for None, anything else as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(float(value))
+    return "" if value is None else str(value)

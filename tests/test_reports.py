@@ -1,0 +1,257 @@
+"""Reports, the k=19 vs k=3 claim and compare, on the fixture rows in tests/fixtures/results/."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from bench.cli import main
+from bench.report import claim as claim_module
+from bench.report.figures import roofline, sweep_figures
+from bench.report.load import load
+from bench.report.plots import render
+from bench.report.tables import TABLES, group_table
+from bench.store import append_row, read_rows
+
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+D = 128
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return load([FIXTURES])
+
+
+def group(frame, machine, direction="fwd"):
+    return frame[(frame.machine == machine) & (frame.direction == direction)]
+
+
+def test_latest_run_per_machine_and_case_wins(frame):
+    rows = list(read_rows([FIXTURES]))
+    unfold_k7 = [r for r in rows if (r["machine"], r["impl"], r["k"], r["res"], r["channels"]) == ("ci-cpu", "unfold", 7, 32, 64)]
+    assert len(unfold_k7) == 2 and len(frame) == len(rows) - 1
+    newest = max(unfold_k7, key=lambda r: r["timestamp"])
+    kept = frame[(frame.machine == "ci-cpu") & (frame.impl == "unfold") & (frame.k == 7) & (frame.res == 32)]
+    assert kept["latency_ms"].tolist() == [newest["latency_ms"]]
+
+
+def test_gflops_and_peak_fraction_follow_the_convention(frame):
+    row = frame[(frame.machine == "h100-sxm") & (frame.impl == "triton") & (frame.k == 19) & (frame.direction == "fwd+bwd")
+                & (frame.channels == D) & (frame.res == 56)].iloc[0]
+    expected = 2 * row.macs_analytic * 3 / (row.latency_ms * 1e-3) / 1e9
+    assert row.gflops == pytest.approx(expected)
+    table = group_table(group(frame, "h100-sxm", "fwd+bwd"), TABLES["peak_fraction"])
+    assert f"{100 * expected * 1e9 / 989e12:.3g}" in table  # H100 SXM bf16 dense peak
+    assert group_table(group(frame, "ci-cpu"), TABLES["peak_fraction"]) is None  # no peak known for CPUs
+
+
+def test_tables_show_status_words_and_speedups(frame):
+    cpu = group(frame, "ci-cpu")
+    latency = group_table(cpu, TABLES["latency"])
+    assert "**timeout**" in latency and "**incorrect**" in latency and "unfold (ms)" in latency
+    speedup = group_table(cpu, TABLES["speedup"])
+    rows = cpu.set_index(["impl", "k", "channels", "res"])
+    expected = rows.loc[("unfold", 19, 64, 32), "latency_ms"] / rows.loc[("memory_blocks", 19, 64, 32), "latency_ms"]
+    line = next(l for l in speedup.splitlines() if l.startswith("| 19 | 64 |"))
+    assert f"{expected:.2f}×" in line and "**timeout**" in line
+
+
+def test_figures_have_axes_units_and_failed_points(frame):
+    cpu = group(frame, "ci-cpu")
+    specs = {s.name: s for s in sweep_figures(cpu, "cpu", "ci-cpu")}
+    latency_k = next(s for n, s in specs.items() if "latency_vs_k_channels64" in n)
+    assert (latency_k.x_label, latency_k.y_label) == ("kernel size k", "latency (ms)")
+    einsum = next(l for l in latency_k.lines if l.label == "im2col_einsum")
+    assert [(p.x, p.status) for p in einsum.points if p.y is None] == [(19.0, "timeout")]
+    fig = render(latency_k)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "kernel size k" and ax.get_ylabel() == "latency (ms)" and ax.get_yscale() == "log"
+    assert {"timeout", "incorrect"} <= {t.get_text() for t in ax.texts}
+    plt.close(fig)
+    macs = next(s for n, s in specs.items() if "macs_vs_k_channels64" in n)
+    assert macs.references == [("conv k=3", pytest.approx(9 * 64 * 64 * 32 * 32 * 1e-9))]
+    assert any(s.x_label.startswith("resolution") for s in specs.values())
+    assert roofline(cpu, "cpu", "ci-cpu") is None
+    roof = roofline(group(frame, "h100-sxm"), "gpu", "h100")
+    assert roof.peak_flops == 989e12 and "triton" in roof.points
+
+
+def test_report_writes_index_tables_and_plots(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURES, results)
+    (results / "ci-cpu" / "models.json").write_text(json.dumps([{"model": "resnet26-attn", "params": 10.3e6, "gflops": 4.7}]))
+    out = tmp_path / "reports"
+    assert main(["report", "--results", str(results), "--out", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    for text in ("## Machines", "| ci-cpu | cpu |", "NVIDIA H100 80GB HBM3", "a715cfd8ad", "2026-11-24",
+                 "## h100-sxm: NVIDIA H100 80GB HBM3, bfloat16, fwd+bwd", "**Peak memory** (MiB)",
+                 "Fraction of the GPU's peak FLOP/s", "**oom**", "## Models: ci-cpu", "resnet26-attn"):
+        assert text in readme, text
+    images = re.findall(r"\]\(([^)]+\.png)\)", readme)
+    assert any("roofline" in i for i in images) and any("latency_vs_res" in i for i in images)
+    for image in images:
+        data = (out / image).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(images)
+
+
+def test_report_on_no_rows_is_a_usage_error(tmp_path, capsys):
+    assert main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "--results: no result rows" in capsys.readouterr().err
+    assert main(["report", "--results", str(tmp_path / "missing")]) == 2
+
+
+def run_claim_json(capsys, *args) -> dict:
+    assert main(["claim", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_claim_json_matches_the_design_formulas(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(claim_module, "fvcore_counts", lambda: [])
+    numbers = run_claim_json(capsys, "--no-run", "--results", str(FIXTURES), "--out", str(tmp_path))
+    k2 = 19 * 19
+    assert numbers["per_pixel_macs"] == {
+        "conv_k3": 9 * D * D,
+        "attention_k19": {"projections": 3 * D * D, "qk": k2 * D, "av": k2 * D, "rel_per_key": k2 * D, "rel_factorized": 19 * D},
+    }
+    totals = numbers["totals"]
+    assert totals["content_only"]["macs"] == 141568 and totals["rel_per_key"]["macs"] == 141568 + 46208
+    assert totals["rel_factorized"]["macs"] == 141568 + 2432
+    assert totals["rel_per_key"]["ratio_to_conv"] == pytest.approx(187776 / 147456)
+    crossing = numbers["crossing_k"]
+    for d in (32, 128, 512):  # 3d^2 + 2k^2 d = 9d^2; 3k^2 d = 6d^2; 2k^2 d + k d = 6d^2
+        assert crossing["content_only"][str(d)] == pytest.approx(math.sqrt(3 * d), abs=1e-3)
+        assert crossing["rel_per_key"][str(d)] == pytest.approx(math.sqrt(2 * d), abs=1e-3)
+        assert crossing["rel_factorized"][str(d)] == pytest.approx((math.sqrt(1 + 48 * d) - 1) / 4, abs=1e-3)
+    assert numbers["params"] == {"attention_k19": 3 * D * D + 19 * D, "conv_k3": 9 * D * D}
+    holds = [v for v in numbers["verdicts"]["accountings"] if "claim holds" in v]
+    assert len(holds) == 2 and not any("every key" in v for v in holds)
+    rows = {(r["machine"], r["impl"], r["k"], r["direction"], r["channels"], r["res"]): r for r in read_rows([FIXTURES])}
+    triton = next(m for m in numbers["measured"] if (m["machine"], m["impl"], m["direction"]) == ("h100-sxm", "triton", "fwd"))
+    attn, conv = rows[("h100-sxm", "triton", 19, "fwd", D, 56)], rows[("h100-sxm", "conv", 3, "fwd", D, 56)]
+    assert triton["latency_ratio"] == pytest.approx(attn["latency_ms"] / conv["latency_ms"])
+    assert triton["memory_ratio"] == pytest.approx(attn["peak_mem_bytes"] / conv["peak_mem_bytes"])
+    assert {m["machine"] for m in numbers["measured"]} == {"ci-cpu", "h100-sxm"}
+    claim_md = (tmp_path / "claim.md").read_text()
+    assert "**In short:** the claim holds under content only" in claim_md and "1.273" in claim_md
+    assert (tmp_path / "claim_crossing_k.png").stat().st_size > 10_000
+
+
+def test_claim_runs_the_claim_preset_when_nothing_was_measured(tmp_path, capsys, monkeypatch):
+    import bench.runner
+
+    calls = []
+
+    def fake_run_cases(cases, out_dir="results", resume=True, suite=None, progress=True, **kw):
+        calls.append((cases, out_dir, suite))
+        source = FIXTURES / "ci-cpu" / "claim.jsonl"
+        for row in read_rows([source]):
+            append_row(Path(out_dir) / "this-machine" / "claim.jsonl", row)
+        return []
+
+    monkeypatch.setattr(bench.runner, "run_cases", fake_run_cases)
+    monkeypatch.setattr(claim_module, "fvcore_counts", lambda: [])
+    numbers = run_claim_json(capsys, "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"))
+    (cases, out_dir, suite), = calls
+    assert suite == "claim" and out_dir == str(tmp_path / "results")
+    assert {c.k for c in cases} >= {3, 19} and {c.channels for c in cases} == {D}
+    assert sorted(m["impl"] for m in numbers["measured"]) == ["im2col_einsum", "memory_blocks", "unfold"]
+
+
+def test_fvcore_counts_beside_the_analytic_ones():
+    entries = {e["impl"]: e for e in claim_module.fvcore_counts(res=19)}
+    assert entries["conv"]["fvcore_per_pixel"] == 9 * D * D == entries["conv"]["analytic_per_pixel"]
+    unfold = entries["unfold"]
+    assert unfold["status"] == "ok" and unfold["accounting"] == "rel_per_key" and unfold["analytic_per_pixel"] == 187776
+    # fvcore sees the q.k, a.v and per-key relative products (handles for mul) but not the softmax
+    assert unfold["fvcore_per_pixel"] >= 0.9 * unfold["analytic_per_pixel"] and "aten::softmax" in unfold["uncounted"]
+
+
+# --- compare -----------------------------------------------------------------------------------------
+
+def write_side(folder: Path, commit: str, slow: dict[tuple, float] = {}, status: dict[tuple, str] = {}, iqr: dict[tuple, float] = {}) -> None:
+    """The ci-cpu fixture rows as another run: latency x slow[case], status replaced, IQR as a fraction."""
+    for row in read_rows([FIXTURES / "ci-cpu"]):
+        key = (row["impl"], row["k"], row["res"], row["channels"])
+        row = {**row, "commit": commit, "timestamp": f"2026-11-25T0{len(commit) % 10}:00:00Z"}
+        if row["status"] == "ok":
+            row["latency_ms"] *= slow.get(key, 1.0)
+            if key in iqr:
+                row["latency_iqr_ms"] = iqr[key] * row["latency_ms"]
+        if key in status:
+            row.update(status=status[key], latency_ms=None, latency_iqr_ms=None)
+        append_row(folder / "ci-cpu" / f"{commit}.jsonl", row)
+
+
+PLANTED = ("unfold", 19, 32, 64)
+NOISY = ("memory_blocks", 7, 16, 64)
+
+
+@pytest.fixture()
+def sides(tmp_path):
+    """Commits 'aaaa' and 'bbbb' in one folder: B has a 30 % slow-down on one case; a noisy case moved 8 %
+    inside its 10 % IQR; every other case moved 2 % (inside the 5 % threshold)."""
+    results = tmp_path / "results"
+    write_side(results, "aaaa", iqr={NOISY: 0.10})
+    others = {(r["impl"], r["k"], r["res"], r["channels"]): 1.02 for r in read_rows([FIXTURES / "ci-cpu"])}
+    write_side(results, "bbbb", slow={**others, PLANTED: 1.3, NOISY: 1.08}, iqr={NOISY: 0.10})
+    return results
+
+
+def compare(capsys, *args) -> tuple[int, str]:
+    code = main(["compare", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_compare_flags_the_planted_slowdown_and_not_noise(sides, capsys):
+    code, out = compare(capsys, "commit=aaaa", "commit=bbbb", "--results", str(sides))
+    assert code == 0
+    flagged = [l for l in out.splitlines() if "**slower**" in l or "**faster**" in l]
+    assert len(flagged) == 1 and flagged[0].startswith("| ci-cpu | unfold | 19 | 64 |") and "| 1.300 |" in flagged[0]
+    noisy = next(l for l in out.splitlines() if l.startswith("| ci-cpu | memory_blocks | 7 | 64 | 8 | 16 |"))
+    assert "| 1.080 |" in noisy and "**" not in noisy
+    assert "1 changed beyond noise" in out
+
+
+@pytest.mark.parametrize("limit, code", [("0.2", 1), ("20%", 1), ("1.25x", 1), ("0.5", 0), ("1.5x", 0)])
+def test_compare_fail_above(sides, capsys, limit, code):
+    result, out = compare(capsys, "commit=aaaa", "commit=bbbb", "--results", str(sides), "--fail-above", limit)
+    assert result == code and ("FAIL: unfold k=19" in out) == (code == 1)
+
+
+def test_compare_fails_when_a_case_stops_running(tmp_path, capsys):
+    write_side(tmp_path / "a", "aaaa")
+    write_side(tmp_path / "b", "bbbb", status={("triton", 7, 32, 64): "oom", ("unfold", 3, 32, 64): "oom"})
+    code, out = compare(capsys, str(tmp_path / "a"), str(tmp_path / "b"), "--fail-above", "0.5")
+    assert code == 1 and "**now oom**" in out and "FAIL: unfold k=3" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere", "commit=abc"], "A: 'nowhere' is neither"),
+    (["commit=aaaa", "colour=red"], "B: bad selector 'colour=red'"),
+    (["commit=zzzz", "commit=aaaa"], "A: no result rows"),
+    (["commit=aaaa", "commit=bbbb", "--fail-above", "-0.1"], "--fail-above: a slow-down must be >= 0"),
+    (["commit=aaaa", "commit=bbbb", "--fail-above", "fast"], "--fail-above: expected a fraction"),
+])
+def test_compare_bad_input(sides, capsys, args, message):
+    code, out = compare(capsys, *args, "--results", str(sides))
+    assert code == 2 and message in out
+
+
+def test_compare_across_machines(tmp_path, capsys):
+    for machine, slow in (("old-cpu", 1.0), ("new-cpu", 1.3)):
+        for row in read_rows([FIXTURES / "ci-cpu"]):
+            if row["status"] == "ok":
+                row["latency_ms"] *= slow
+            append_row(tmp_path / machine / "rows.jsonl", {**row, "machine": machine})
+    code, out = compare(capsys, str(tmp_path / "old-cpu"), str(tmp_path / "new-cpu"))
+    timed = sum(r["status"] == "ok" for r in read_rows([FIXTURES / "ci-cpu"])) - 1  # one superseded older run
+    assert code == 0 and out.count("**slower**") == timed and "| machine |" not in out
+    code, out = compare(capsys, str(tmp_path), str(tmp_path / "new-cpu"))
+    assert code == 2 and "A: holds several machines (new-cpu, old-cpu)" in out
