@@ -1,0 +1,206 @@
+"""ResNet-26/38/50 in three variants: structure, forward/backward, parameter formula, implementations
+agreeing on the logits, the analytic cost accounting against independent counts, `sasa-bench models`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sasa_impls
+from bench.cli import main
+from bench.commands import models as models_command
+from bench.measure import Timing
+from bench.model_costs import count_macs, count_params, model_costs
+from sasa_impls import AttentionStem, SASA2d
+from sasa_impls.models import BLOCKS, VARIANTS, resnet, set_impl
+
+
+def meta_resnet(depth: int, variant: str) -> nn.Module:
+    with torch.device("meta"):
+        return resnet(depth, variant)
+
+
+def attention_layers(model: nn.Module) -> list[SASA2d]:
+    return [m for m in model.modules() if type(m) is SASA2d]
+
+
+def full_contract_impls(dtype: torch.dtype) -> list[str]:
+    """Every registered implementation with masked borders and relative logits available on CPU."""
+    return [
+        name
+        for name in sasa_impls.list_impls()
+        if (impl := sasa_impls.get_impl(name)).borders == "masked" and impl.supports_rel and impl.available("cpu", dtype)[0]
+    ]
+
+
+@pytest.mark.parametrize("depth", sorted(BLOCKS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_builds_with_its_layers(depth, variant):
+    model = meta_resnet(depth, variant)
+    blocks = sum(BLOCKS[depth])
+    spatial_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    stems = [m for m in model.modules() if isinstance(m, AttentionStem)]
+    assert len(attention_layers(model)) == (0 if variant == "conv" else blocks)
+    assert len(spatial_convs) == (blocks if variant == "conv" else 0)
+    assert len(stems) == (1 if variant == "full_attention" else 0)
+    assert all(m.kernel_size == 7 and m.heads == 8 for m in attention_layers(model) + stems)
+    assert [m.stride for m in attention_layers(model) if m.stride == 2] == ([] if variant == "conv" else [2, 2, 2])
+    assert model.fc.out_features == 1000
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_and_backward_on_a_small_input(variant):
+    torch.manual_seed(0)
+    model = resnet(26, variant, impl="unfold", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 7])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for layer in attention_layers(model):
+        assert layer.rel.rel_row.grad.abs().sum() > 0 and layer.query.weight.grad.abs().sum() > 0
+
+
+def test_attention_layers_follow_the_parameter_formula():
+    model = meta_resnet(50, "full_attention")
+    layers = attention_layers(model)
+    for layer in layers:
+        d_in, d_out, k = layer.query.in_channels, layer.query.out_channels, layer.kernel_size
+        assert sum(p.numel() for p in layer.parameters()) == 3 * d_in * d_out + k * d_out
+    widths = [layer.query.out_channels for layer in layers]
+    assert widths == [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3
+    # stem: q, k (3 -> 64), 4 value matrices, rel (7 x 64), emb_row/col (4 x 64 each), nu (4 x 64), BN (2 x 64)
+    stem = next(m for m in model.modules() if isinstance(m, AttentionStem))
+    assert sum(p.numel() for p in stem.parameters()) == 2 * 3 * 64 + 4 * 3 * 64 + 7 * 64 + 2 * 4 * 64 + 4 * 64 + 2 * 64
+
+
+# the smallest inputs the downsampling allows (32: full attention's last stage attends at 2x2, then pools);
+# 48 gives the conv-stem model odd 3x3 maps. Under TRITON_INTERPRET=1 (set by test_triton.py) triton joins in.
+@pytest.mark.parametrize("variant, res", [("conv_stem_attention", 48), ("full_attention", 32)])
+def test_every_implementation_gives_the_same_logits_in_float64(variant, res):
+    torch.manual_seed(1)
+    model = resnet(26, variant, impl="reference").double().eval()
+    x = torch.randn(1, 3, res, res, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        impls = [name for name in full_contract_impls(torch.float64) if name != "reference"]
+        assert "unfold" in impls
+        for name in impls:
+            torch.testing.assert_close(set_impl(model, name)(x), expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item(),
+                                       msg=lambda message: f"impl {name}: {message}")
+        # the attention layers matter: changing one layer's relative embeddings changes the logits
+        rel_row = attention_layers(model)[-1].rel.rel_row
+        rel_row.add_(torch.randn_like(rel_row))
+        assert (set_impl(model, "reference")(x) - expected).abs().max() > 1e-6 * expected.abs().max()
+
+
+@pytest.mark.parametrize("depth", sorted(BLOCKS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_param_accounting_matches_numel(depth, variant):
+    model = meta_resnet(depth, variant)
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_resnet50_conv_matches_the_known_counts():
+    costs = model_costs(meta_resnet(50, "conv"))
+    assert costs["params"] == 25_557_032  # torchvision's resnet50
+    assert costs["macs"] == costs["macs_rel_factorized"] == costs["macs_content_only"]
+    assert 4.08e9 < costs["macs"] < 4.10e9 and costs["flops_paper"] == 2 * costs["macs"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_conv_and_linear_macs_match_fvcore(variant):
+    fvcore = pytest.importorskip("fvcore.nn")
+    torch.manual_seed(2)
+    model = resnet(26, variant, impl="unfold").eval()
+    counted = fvcore.FlopCountAnalysis(model, torch.randn(1, 3, 64, 64))
+    counted.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_op = counted.by_operator()
+    ours = count_macs(model, 64)
+    assert by_op["conv"] == ours["conv"] + ours["projections"]
+    assert by_op["linear"] + by_op.get("addmm", 0) == ours["linear"]
+
+
+def test_attention_macs_match_a_hand_count():
+    # ResNet-26 full attention at 224: (resolution the op runs at, channels) of every attention layer
+    layers = [(224, 64), (56, 64), (56, 128), (28, 128), (28, 256)] + [(14, 256)] * 3 + [(14, 512)]
+    ours = count_macs(meta_resnet(26, "full_attention"), 224)
+    assert ours["qk"] == ours["av"] == ours["rel_per_key"] == sum(49 * d * r * r for r, d in layers)
+    assert ours["rel_factorized"] == sum(7 * d * r * r for r, d in layers)
+    assert ours["value_mix"] == 2 * 4 * 64 * 224 * 224
+    qkv = sum(3 * d * d * r * r for r, d in layers[1:]) + (2 + 4) * 3 * 64 * 224 * 224
+    assert ours["projections"] == qkv
+
+
+def test_count_params_rejects_unknown_layers():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.randn(3))
+
+    with pytest.raises(ValueError, match="Scaled"):
+        count_params(nn.Sequential(nn.Linear(3, 3), Scaled()))
+
+
+def test_resnet_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="depth"):
+        resnet(34, "conv")
+    with pytest.raises(ValueError, match="variant"):
+        resnet(26, "attention")
+    with pytest.raises(ValueError, match="impl"):
+        resnet(26, "full_attention", impl="nope")
+    with pytest.raises(ValueError, match="num_classes"):
+        resnet(26, "conv", num_classes=0)
+
+
+def test_cli_models_costs_json_and_markdown(capsys):
+    assert main(["models", "--no-timing", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["depth"], r["variant"]) for r in rows] == [(d, v) for d in sorted(BLOCKS) for v in VARIANTS]
+    by_model = {(r["depth"], r["variant"]): r for r in rows}
+    assert by_model[50, "conv"]["params"] == 25_557_032
+    assert round(by_model[50, "conv_stem_attention"]["params"] / 1e6, 1) == 18.0  # the paper's 18.0M
+    assert all(r["flops_paper"] == 2 * r["macs"] for r in rows)
+    assert main(["models", "--no-timing", "--depths", "26"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| ResNet-26 |") == 3 and "| ResNet-26 | conv | 13.7 |" in table
+
+
+def test_cli_models_rejects_bad_options(capsys):
+    assert main(["models", "--depths", "34"]) == 2
+    assert "--depths" in capsys.readouterr().err
+    assert main(["models", "--no-timing", "--variants", "vit"]) == 2
+    assert main(["models", "--batch", "0"]) == 2
+    assert main(["models", "--device", "tpu"]) == 2
+    assert main(["models", "--impls", "nope"]) == 2
+
+
+def test_cli_models_timing_rows(capsys, monkeypatch):
+    # one call per measurement instead of bench.measure's loops: this checks the wiring, not the speed
+    calls = []
+
+    def one_call(fn, device, **kwargs):
+        fn()
+        calls.append(device)
+        return Timing(median_ms=50.0, iqr_ms=0.0, reps=1)
+
+    monkeypatch.setattr(models_command, "time_fn", one_call)
+    monkeypatch.setattr(models_command, "peak_memory_bytes", lambda fn, device: 12345)
+    code = main(["models", "--json", "--depths", "26", "--variants", "conv,conv_stem_attention", "--impls", "unfold",
+                 "--device", "cpu", "--res", "32", "--batch", "2"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["impl"] for r in rows] == ["conv", "unfold"] and len(calls) == 4
+    for row in rows:
+        assert row["status"] == "ok" and row["res"] == 32 and row["batch"] == 2
+        assert row["infer_images_per_s"] == row["train_images_per_s"] == 2 * 1000 / 50.0
+        assert row["infer_peak_mem_bytes"] == row["train_peak_mem_bytes"] == 12345
+
+
+def test_an_implementation_that_disagrees_with_the_reference_is_not_timed(monkeypatch):
+    monkeypatch.setitem(models_command.CHECK_TOLERANCE, torch.float32, -1.0)  # nothing passes
+    monkeypatch.setattr(models_command, "time_fn", lambda *a, **k: pytest.fail("an incorrect implementation was timed"))
+    row = models_command.time_model(resnet(26, "conv_stem_attention"), "unfold", torch.device("cpu"), torch.float32, 32, 2)
+    assert row["status"] == "incorrect" and "reference" in row["error"] and "infer_images_per_s" not in row
