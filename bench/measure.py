@@ -1,0 +1,179 @@
+"""Latency and peak memory of a callable, following DESIGN.md's measurement rules.
+
+CPU: a fixed thread count, warm-up calls, then repetitions until both a minimum count and a minimum
+total time are reached; median and inter-quartile range (IQR) of the per-call wall times.
+CUDA: the same loop timed with CUDA events, the L2 cache flushed (a buffer twice its size overwritten)
+before every repetition so no call finds its inputs in cache from the previous one.
+
+Peak memory: on CUDA the caching allocator's peak of allocated bytes above what existed before the
+call (inputs, weights); on CPUs the growth of the process's peak resident set (RSS) during the call,
+which includes everything the call touches (not only torch tensors), so measure in a process of its
+own (the runner's workers do).
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and IQR of the per-call times in milliseconds, over ``reps`` timed calls."""
+
+    median_ms: float
+    iqr_ms: float
+    reps: int
+
+
+def _median_iqr(times_ms: list[float]) -> tuple[float, float]:
+    if len(times_ms) < 2:
+        return times_ms[0], 0.0
+    q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return statistics.median(times_ms), q3 - q1
+
+
+def _cpu_call_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+class _CudaTimer:
+    """Times one call with CUDA events after flushing L2 (the flush itself is outside the events)."""
+
+    def __init__(self, device: torch.device):
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20) or 64 * 2**20
+        self.flush_buffer = torch.empty(2 * l2_bytes, dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        self.flush_buffer.fill_(1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 2, reps: int = 5,
+            min_time_s: float = 0.5, max_reps: int = 200, threads: int | None = None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then at least ``reps`` timed calls and at least
+    ``min_time_s`` seconds of them (at most ``max_reps``). ``threads`` fixes torch's CPU thread count."""
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps, warmup: expected reps >= 1 and warmup >= 0, got {reps}, {warmup}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    call_ms = _CudaTimer(device) if device.type == "cuda" else _cpu_call_ms
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    while len(times) < reps or (sum(times) < min_time_s * 1e3 and len(times) < max_reps):
+        times.append(call_ms(fn))
+    median, iqr = _median_iqr(times)
+    return Timing(median_ms=median, iqr_ms=iqr, reps=len(times))
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A ``Vm*`` field of /proc/self/status in KiB (None where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as status:
+            match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux /proc/self/clear_refs, value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _return_freed_memory() -> None:
+    """glibc: give freed heap memory back to the system and serve large blocks (>= 128 KiB) by mmap
+    from now on, so memory a call frees leaves the resident set and the next call's peak is its own
+    (glibc otherwise raises its mmap threshold after a free and keeps such blocks resident)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _in_fresh_thread(fn: Callable[[], object]) -> None:
+    """Call ``fn()`` in a new thread (errors re-raised here): glibc gives a new thread a new, empty
+    malloc arena, so the call cannot reuse free chunks that earlier work left in this thread's heap
+    (reusing them made the measured peak depend on the process's history, by up to 2x). Where no
+    thread can be started (an address-space cap), ``fn()`` runs here."""
+    outcome: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as error:  # handed to the calling thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, name="peak-memory")
+    try:
+        thread.start()
+    except RuntimeError:
+        fn()
+        return
+    thread.join()
+    if outcome:
+        raise outcome[0]
+
+
+def cpu_peak_rss_growth(fn: Callable[[], object]) -> int:
+    """Bytes by which this process's peak resident set grew above its current size while ``fn()`` ran.
+
+    Freed memory is first returned to the system (:func:`_return_freed_memory`), the peak mark (VmHWM)
+    reset, and the call made in a fresh thread (:func:`_in_fresh_thread`), so earlier allocations
+    (warm-up, module set-up) neither hide nor inflate the call's own peak. Where the mark cannot be reset
+    (no /proc), ru_maxrss is used: then the growth is only seen above the process's earlier peak, so
+    call this before anything else allocates much.
+    """
+    _return_freed_memory()
+    reset = _reset_peak_rss()
+    before = proc_status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _in_fresh_thread(fn)
+    after = proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(0, (after - before) * 1024)
+
+
+def cuda_peak_allocated_growth(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes the CUDA caching allocator held during ``fn()`` above what was allocated before
+    (the inputs and weights), the peak statistics reset first."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Peak memory ``fn()`` needs beyond what exists before it runs: CUDA allocator peak on GPUs,
+    growth of the process's peak RSS on CPUs (run it in a process of its own: the runner's workers)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_peak_allocated_growth(fn, device)
+    return cpu_peak_rss_growth(fn)
