@@ -113,16 +113,10 @@ def preset(name: str, device: str = "cpu", dtypes: Sequence[str] = ("float32",),
     ]
 
 
-# How each implementation computes the relative logits, for its analytic MACs (bench.flops.ACCOUNTINGS):
-# the ones listed add them to every key; the others compute them factorized, or not at all (content-only).
-REL_ACCOUNTING = {"unfold": "rel_per_key"}
-
-
 def rel_accounting(impl: str) -> str:
-    """The accounting of ``impl``'s relative logits: per key, factorized, or content-only."""
-    if not sasa_impls.get_impl(impl).supports_rel:
-        return "content_only"
-    return REL_ACCOUNTING.get(impl, "rel_factorized")
+    """The accounting of ``impl``'s relative logits (bench.flops.ACCOUNTINGS): per key, factorized, or none."""
+    chosen = sasa_impls.get_impl(impl)
+    return chosen.rel_accounting if chosen.supports_rel else "content_only"
 
 
 def analytic_costs(case: Case) -> dict:
@@ -139,4 +133,4 @@ def analytic_costs(case: Case) -> dict:
     components = {name: n * pixels for name, n in per_pixel.items()}
     components["softmax_ops"] = flops.softmax_ops_per_pixel(k, case.heads) * pixels
     return {"macs_analytic": flops.attention_total_macs(per_pixel, accounting) * pixels, "macs_components": components,
-            "rel_accounting": accounting, "params_analytic": flops.attention_params(c, c, k)}
+            "rel_accounting": accounting, "params_analytic": flops.attention_params(c, c, k, relative=accounting != "content_only")}

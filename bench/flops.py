@@ -40,9 +40,9 @@ def conv_macs_per_pixel(d_in: int, d_out: int, kernel_size: int) -> int:
     return kernel_size * kernel_size * d_in * d_out
 
 
-def attention_params(d_in: int, d_out: int, kernel_size: int) -> int:
-    """SASA2d parameters: 3 d_in d_out projection weights + k d_out relative embeddings."""
-    return 3 * d_in * d_out + kernel_size * d_out
+def attention_params(d_in: int, d_out: int, kernel_size: int, relative: bool = True) -> int:
+    """SASA2d parameters: 3 d_in d_out projection weights + k d_out relative embeddings (if ``relative``)."""
+    return 3 * d_in * d_out + (kernel_size * d_out if relative else 0)
 
 
 def conv_params(d_in: int, d_out: int, kernel_size: int) -> int:

@@ -40,7 +40,7 @@ def _batch_norm_params(m: nn.BatchNorm2d) -> int:
 
 
 def _sasa_params(m: SASA2d) -> int:
-    return attention_params(m.query.in_channels, m.query.out_channels, m.kernel_size)
+    return attention_params(m.query.in_channels, m.query.out_channels, m.kernel_size, relative=m.rel is not None)
 
 
 def _stem_params(m: AttentionStem) -> int:

@@ -136,8 +136,6 @@ def _check(case: Case, gates: dict, settings: Settings, plugins: list[str]) -> d
     available, reason = impl.available(torch.device(case.device), getattr(torch, case.dtype))
     if not available:
         return {"status": "unsupported", "error": reason}
-    if not impl.supports_rel:
-        return {"status": "unsupported", "error": f"{case.impl} has no relative-position term, which SASA2d computes"}
     key = (case.impl, case.device, case.dtype, case.direction)
     if key not in gates:
         task = {"kind": "gate", "impl": case.impl, "device": case.device, "dtype": case.dtype,

@@ -102,7 +102,8 @@ def build(case: Case) -> tuple[nn.Module, torch.Tensor]:
     if case.impl == CONV:
         module = nn.Conv2d(case.channels, case.channels, case.k, padding=case.k // 2, bias=False)
     else:
-        module = sasa_impls.SASA2d(case.channels, case.channels, case.k, case.heads, impl=case.impl)
+        relative = sasa_impls.get_impl(case.impl).supports_rel  # content-only peers measure SASA2d without them
+        module = sasa_impls.SASA2d(case.channels, case.channels, case.k, case.heads, impl=case.impl, relative=relative)
     dtype = getattr(torch, case.dtype)
     module = module.to(case.device, dtype)
     x = torch.randn(case.batch, case.channels, case.res, case.res, device=case.device, dtype=dtype)

@@ -41,10 +41,11 @@ class SASA2d(nn.Module):
     """Stand-alone self-attention over k x k windows, a drop-in for a k x k convolution.
 
     1x1 Q, K, V projections (no bias), per-head relative embeddings, the op, and a 2 x 2 average pool
-    when ``stride == 2``. Parameters: 3 d_in d_out + k d_out, whatever k.
+    when ``stride == 2``. Parameters: 3 d_in d_out + k d_out, whatever k. ``relative=False`` drops the
+    embeddings (content-only attention: the paper's ablation, and what peers such as NATTEN compute).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, heads: int = 8, stride: int = 1, impl: str = "auto", scale: float = 1.0):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, heads: int = 8, stride: int = 1, impl: str = "auto", scale: float = 1.0, relative: bool = True):
         super().__init__()
         check_kernel_size(kernel_size)
         _check_heads(in_channels, out_channels, heads)
@@ -54,14 +55,15 @@ class SASA2d(nn.Module):
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.value = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.rel = RelativeEmbeddings(heads, kernel_size, out_channels // heads)
+        self.rel = RelativeEmbeddings(heads, kernel_size, out_channels // heads) if relative else None
         self.pool = nn.AvgPool2d(2) if stride == 2 else nn.Identity()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The op on (B, C, H, W) projections; returns (B, C, H, W)."""
+        rel_row, rel_col = (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
         out = local_attention(
             _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads),
-            self.rel.rel_row, self.rel.rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
+            rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
         )
         return _merge_heads(out)
 

@@ -33,7 +33,8 @@ class Impl:
 
     ``borders`` is "masked" when the implementation meets DESIGN.md's contract (out-of-image window
     positions excluded from the softmax) and "clamped" for peers whose windows shift inward at the
-    borders (NATTEN). ``supports_rel`` says whether it computes the relative logits.
+    borders (NATTEN). ``supports_rel`` says whether it computes the relative logits, and ``rel_accounting``
+    how (bench.flops.ACCOUNTINGS: added to every key, or factorized once per offset), for its analytic MACs.
     ``auto_priority`` ranks it for ``impl="auto"`` per device type (lower is preferred, absent = never).
     """
 
@@ -43,6 +44,7 @@ class Impl:
     check: AvailableFn = available_anywhere
     borders: str = "masked"
     supports_rel: bool = True
+    rel_accounting: str = "rel_factorized"
     auto_priority: dict[str, int] = field(default_factory=dict)
 
     def available(self, device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:

@@ -19,6 +19,21 @@ def test_parameter_count_is_independent_of_k(in_channels, out_channels, kernel_s
     assert 3 * in_channels * out_channels + kernel_size * out_channels == attention_params(in_channels, out_channels, kernel_size)
 
 
+def test_content_only_layer_has_no_embeddings_and_runs_content_only_peers():
+    layer = sasa_impls.SASA2d(16, 16, 5, heads=2, relative=False, impl="reference").double()
+    assert sum(p.numel() for p in layer.parameters()) == attention_params(16, 16, 5, relative=False) == 3 * 16 * 16
+    x = torch.randn(1, 16, 6, 7, dtype=torch.float64)
+    with_rel = sasa_impls.SASA2d(16, 16, 5, heads=2, impl="reference").double()
+    with_rel.load_state_dict(layer.state_dict(), strict=False)
+    assert not torch.allclose(layer(x), with_rel(x))  # the embeddings were really dropped, not ignored
+    for impl in sasa_impls.list_impls():
+        chosen = sasa_impls.get_impl(impl)
+        if not chosen.supports_rel and chosen.available("cpu", torch.float32)[0]:
+            peer = sasa_impls.SASA2d(16, 16, 5, heads=2, relative=False, impl=impl)
+            with torch.no_grad():  # peers may have no backward on CPU
+                assert peer(torch.randn(1, 16, 8, 8)).shape == (1, 16, 8, 8)
+
+
 @pytest.mark.parametrize("stride, height, width", [(1, 9, 6), (2, 8, 6), (2, 9, 7)])
 def test_output_shape_and_stride(stride, height, width):
     layer = sasa_impls.SASA2d(8, 16, 5, heads=4, stride=stride)

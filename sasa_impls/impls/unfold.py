@@ -44,6 +44,7 @@ register(
         name="unfold",
         forward=unfold_attention,
         description="pad + Tensor.unfold neighbourhoods, multiply-sum, relative logits per key",
+        rel_accounting="rel_per_key",
         auto_priority={"cpu": 30, "cuda": 30},
     )
 )
