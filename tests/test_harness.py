@@ -17,6 +17,7 @@ from bench.runner import Settings, results_path, run_cases
 from bench.worker import GATE_TOLERANCE, PLUGINS_ENV, gate, load_plugins
 
 import sasa_impls
+from sasa_impls import registry
 
 FAST = Settings(warmup=1, reps=3, min_time_s=0.0, threads=1, timeout_s=120)
 REQUIRED = (
@@ -61,9 +62,13 @@ PLUGIN = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
+    """The planted implementations' module; they leave the registry again after this file's tests."""
     path = tmp_path_factory.mktemp("plugin") / "planted_impls.py"
     path.write_text(PLUGIN)
-    return str(path)
+    registered = dict(registry._REGISTRY)
+    yield str(path)
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(registered)
 
 
 @pytest.fixture(scope="module")
