@@ -1,0 +1,96 @@
+"""Triton: one fused kernel per direction, online softmax, factorized relative logits (O(HW C) memory).
+
+The kernels live in ``_triton_kernels`` (imported on first use, so this module imports without triton).
+On CUDA it runs compiled; on the CPU only under the Triton interpreter (``TRITON_INTERPRET=1``, set
+before triton is first imported: triton.jit reads it when it decorates), which is how the tests run it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..registry import Impl, register
+
+
+def default_tile(head_dim: int, kernel_size: int) -> tuple[int, int]:
+    """Query/key tile (rows, columns): TH * TW pixels share one halo of (TH + k - 1) x (TW + k - 1) keys.
+
+    Chosen from sm_90 compiles (ptxas register and spill counts, 8 warps; no GPU was available to time
+    them): in bf16, 8 x 8 spills nothing up to D = 32 at k <= 19 and D = 64 at k = 7; wider heads and
+    larger windows keep more per-program state, and 4 x 8 keeps it in registers up to D = 128.
+    """
+    return (4, 8) if head_dim > 64 or (head_dim > 32 and kernel_size > 7) else (8, 8)
+
+
+# Dtypes per device type. The interpreter (triton 3.9) computes bf16 tl.dot wrongly, so bf16 is CUDA only;
+# fp64 (fp64 accumulation) is for tight tests against the oracle and is not offered on CUDA.
+DTYPES = {
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float16, torch.float32, torch.float64),
+}
+
+
+def triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """True on CUDA when triton imports; on the CPU only under TRITON_INTERPRET=1 (read at call time)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "on the CPU the Triton kernels run only in the interpreter: set TRITON_INTERPRET=1"
+    if device.type not in DTYPES:
+        return False, f"no Triton backend for device type {device.type!r}"
+    if dtype not in DTYPES[device.type]:
+        return False, f"dtype {dtype} not supported on {device.type}; supported: {[str(d) for d in DTYPES[device.type]]}"
+    return True, ""
+
+
+def check_tile(tile: tuple[int, int]) -> tuple[int, int]:
+    """A tile is two powers of two with at least 16 pixels (tl.dot needs blocks of >= 16 rows)."""
+    pairs = isinstance(tile, (tuple, list)) and len(tile) == 2
+    if not pairs or any(not isinstance(t, int) or t < 1 or t & (t - 1) for t in tile) or tile[0] * tile[1] < 16:
+        raise ValueError(f"tile: expected two powers of two with a product >= 16, got {tile!r}")
+    return tuple(tile)
+
+
+class _FusedSASA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, scale, tile):
+        from . import _triton_kernels as kernels
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if rel_row is not None:
+            rel_row, rel_col = rel_row.contiguous(), rel_col.contiguous()
+        out, lse = kernels.forward(q, k, v, rel_row, rel_col, kernel_size, scale, tile)
+        ctx.save_for_backward(q, k, v, rel_row, rel_col, out, lse)
+        ctx.config = (kernel_size, scale, tile)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        from . import _triton_kernels as kernels
+
+        q, k, v, rel_row, rel_col, out, lse = ctx.saved_tensors
+        grads = kernels.backward(grad_out.contiguous(), q, k, v, rel_row, rel_col, out, lse, *ctx.config)
+        return (*grads, None, None, None)
+
+
+def triton_attention(q, k, v, rel_row, rel_col, kernel_size: int, scale: float = 1.0,
+                     tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Fused SASA (forward and backward in Triton); ``tile`` is the (rows, columns) query/key tile
+    (default: :func:`default_tile`)."""
+    tile = check_tile(tile) if tile is not None else default_tile(q.shape[-1], kernel_size)
+    return _FusedSASA.apply(q, k, v, rel_row, rel_col, kernel_size, float(scale), tile)
+
+
+register(
+    Impl(
+        name="triton",
+        forward=triton_attention,
+        description="fused Triton kernel: tiled tl.dot, online softmax, factorized relative logits, fwd + bwd",
+        check=triton_available,
+        auto_priority={"cuda": 0},
+    )
+)
