@@ -57,7 +57,8 @@ def plugin_specs() -> list[str]:
     return [s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(",") if s.strip()]
 
 
-def _normalized_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def normalized_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| in float64; inf when anything is NaN or infinite."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     scale = expected.abs().max().clamp_min(1e-30)
     error = float((actual - expected).abs().max() / scale)
@@ -82,13 +83,13 @@ def gate(impl: str, device: str, dtype: str, direction: str) -> dict:
     rel = (None, None) if not chosen.supports_rel else ()
     actual = sasa_impls.local_attention(*ours, *rel, GATE_K, impl=impl)
     expected = reference_attention(*theirs, *rel, GATE_K, borders=chosen.borders)
-    errors = {"output": _normalized_error(actual, expected)}
+    errors = {"output": normalized_error(actual, expected)}
     if backward:
         cotangent = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
         got = torch.autograd.grad(actual, ours, cotangent.to(device, actual.dtype))
         want = torch.autograd.grad(expected, theirs, cotangent)
         names = ["q", "k", "v", "rel_row", "rel_col"]
-        errors.update({f"grad_{n}": _normalized_error(g, w) for n, g, w in zip(names, got, want)})
+        errors.update({f"grad_{n}": normalized_error(g, w) for n, g, w in zip(names, got, want)})
     worst = max(errors, key=errors.get)
     tolerance = GATE_TOLERANCE[dtype]
     ok = errors[worst] <= tolerance

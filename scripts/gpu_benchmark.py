@@ -52,12 +52,6 @@ VALIDATION = [(2, 4, 13, 11, 8, 7, True), (1, 8, 28, 28, 16, 19, True), (2, 8, 1
 SMOKE_VALIDATION = [(1, 2, 5, 7, 8, 3, True), (1, 1, 4, 6, 16, 5, False)]
 
 
-def normalized_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (NaN when anything is NaN)."""
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
-
-
 def random_qkv(batch, heads, res_h, res_w, head_dim, k, with_rel, dtype, device, grad=False) -> list:
     shapes = [(batch, heads, res_h, res_w, head_dim)] * 3
     shapes += [(heads, k, head_dim // 2), (heads, k, head_dim - head_dim // 2)] if with_rel else []
@@ -83,7 +77,7 @@ def validate_triton(device: str, dtypes: list[str], shapes: list) -> dict[str, s
                 leaves = [i for i, t in enumerate(inputs) if t is not None]
                 got = torch.autograd.grad(out, [inputs[i] for i in leaves], cot.to(out.dtype))
                 want = torch.autograd.grad(ref, [exact[i] for i in leaves], cot)
-                errors = [normalized_error(out, ref)] + [normalized_error(g, x) for g, x in zip(got, want)]
+                errors = [worker.normalized_error(out, ref)] + [worker.normalized_error(g, x) for g, x in zip(got, want)]
                 if not max(errors) <= worker.GATE_TOLERANCE[dtype]:  # NaN fails too
                     failures[dtype] = f"B{batch} h{heads} {h}x{w} D{d} k{k} rel={rel}: errors {errors}"
                     break
