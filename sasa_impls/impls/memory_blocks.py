@@ -15,10 +15,10 @@ from ..registry import Impl, register
 
 # Query block edge per device type. A block computes (b + k - 1)^2 logits per query instead of k^2 and copies
 # K and V (1 + (k - 1) / b)^2 times, so small blocks waste less; but each block is one matmul with b^2 query rows,
-# and too few rows run inefficiently. On CPU (1 thread, fp32 forward, min of 7-15 runs) b = 4 was fastest or
-# within 20% of the fastest of b in {2, 4, 6, 8, 12, 16} at 32x32 D=16 k=3..19 and at the ResNet-50 layer shapes
-# (k=19, 32x32: b=4 26.6 ms, b=8 29.9 ms, b=16 76.2 ms; unfold 272 ms). On CUDA, 64-row tiles (b = 8) keep the
-# tensor cores fed; not yet measured on a GPU.
+# and too few rows run inefficiently. On CPU (1 thread, fp32 forward, min of 7-15 runs): at 32x32, D=16, k = 3..19,
+# b = 4 was the fastest of {4, 8, 12, 16} (k=19: b=4 26.6 ms, b=8 29.9 ms, b=16 76.2 ms; unfold 272 ms); at the
+# ResNet-50 layer shapes (k=7) it was within 17% of b = 2, the fastest of {2, 4, 6, 8}, and b = 2 lost at k = 19.
+# On CUDA, 64-row tiles (b = 8) keep the tensor cores fed; not yet measured on a GPU.
 BLOCK_BY_DEVICE = {"cpu": 4, "cuda": 8}
 
 
