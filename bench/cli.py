@@ -17,6 +17,54 @@ class UsageError(ValueError):
     """Bad command-line input: reported as one line naming the argument, no traceback."""
 
 
+def comma_list(flag: str, text: str) -> list[str]:
+    """The non-empty items of a comma-separated option value."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"--{flag}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def comma_ints(flag: str, text: str, odd: bool = False) -> list[int]:
+    """Positive integers of a comma-separated option value (odd ones only when ``odd``)."""
+    values = []
+    for item in comma_list(flag, text):
+        if not item.isdigit() or int(item) < 1:
+            raise UsageError(f"--{flag}: expected positive integers, got {item!r}")
+        if odd and int(item) % 2 == 0:
+            raise UsageError(f"--{flag}: kernel sizes must be odd (the window is centred), got {item}")
+        values.append(int(item))
+    return values
+
+
+def comma_choices(flag: str, text: str, allowed) -> list:
+    """Items of a comma-separated option value, each one of ``allowed`` (ints when ``allowed`` holds ints)."""
+    items = comma_list(flag, text)
+    by_text = {str(a): a for a in allowed}
+    for item in items:
+        if item not in by_text:
+            raise UsageError(f"--{flag}: unknown value {item!r}; expected one of {', '.join(by_text)}")
+    return [by_text[item] for item in items]
+
+
+def parse_device(text: str) -> str:
+    """``--device``: cpu or cuda[:N], and present on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device: {text} is not available here (torch {torch.__version__}, no usable GPU)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device: {text} does not exist ({torch.cuda.device_count()} GPU(s) here)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sasa-bench", description="Benchmark stand-alone self-attention implementations.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

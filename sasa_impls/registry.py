@@ -89,8 +89,8 @@ def get_impl(name: str) -> Impl:
     return _REGISTRY[name]
 
 
-def resolve_auto(device: torch.device | str, dtype: torch.dtype, with_rel: bool = True) -> Impl:
-    """The preferred available implementation meeting the full contract on ``device``/``dtype``."""
+def auto_candidates(device: torch.device | str, dtype: torch.dtype, with_rel: bool = True) -> list[Impl]:
+    """Implementations ranked for ``device``'s type that meet the full contract and run here, preferred first."""
     device = torch.device(device)
     candidates = [
         impl
@@ -100,6 +100,12 @@ def resolve_auto(device: torch.device | str, dtype: torch.dtype, with_rel: bool 
         and (impl.supports_rel or not with_rel)
         and impl.available(device, dtype)[0]
     ]
+    return sorted(candidates, key=lambda impl: impl.auto_priority[device.type])
+
+
+def resolve_auto(device: torch.device | str, dtype: torch.dtype, with_rel: bool = True) -> Impl:
+    """The preferred available implementation meeting the full contract on ``device``/``dtype``."""
+    candidates = auto_candidates(device, dtype, with_rel)
     if not candidates:
-        raise ValueError(f"impl='auto': no implementation is available on {device} for {dtype}")
-    return min(candidates, key=lambda impl: impl.auto_priority[device.type])
+        raise ValueError(f"impl='auto': no implementation is available on {torch.device(device)} for {dtype}")
+    return candidates[0]

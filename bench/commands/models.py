@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import sasa_impls
-from bench.cli import UsageError
+from sasa_impls.registry import auto_candidates
+from bench.cli import UsageError, comma_choices, parse_device
 from bench.measure import peak_memory_bytes, time_fn
 from bench.model_costs import model_costs
 from sasa_impls.models import BLOCKS, VARIANTS, resnet, set_impl
@@ -48,27 +49,6 @@ def register(subparsers) -> None:
     parser.add_argument("--no-timing", action="store_true", help="costs only (params, MACs, FLOPs)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of Markdown")
     parser.set_defaults(run=run)
-
-
-def _choices(text: str, allowed, option: str, convert=str) -> list:
-    try:
-        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option}: expected a comma list of {', '.join(map(str, allowed))}, got {text!r}") from None
-    unknown = [v for v in values if v not in allowed]
-    if unknown or not values:
-        raise UsageError(f"{option}: expected a comma list of {', '.join(map(str, allowed))}, got {text!r}")
-    return values
-
-
-def _default_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Implementations meeting the full contract that the registry ranks for this device type."""
-    chosen = []
-    for name in sasa_impls.list_impls():
-        impl = sasa_impls.get_impl(name)
-        if impl.borders == "masked" and impl.supports_rel and device.type in impl.auto_priority and impl.available(device, dtype)[0]:
-            chosen.append(name)
-    return chosen
 
 
 def _positive(value, option: str, default: int) -> int:
@@ -132,24 +112,18 @@ def time_model(model: torch.nn.Module, impl: str, device: torch.device, dtype: t
 
 
 def _settings(args) -> dict:
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}") from None
-    if device.type not in TIMING_DEFAULTS:
-        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: cuda is not available here")
+    device = torch.device(parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     dtype = DTYPES[args.dtype]
     default_res, default_batch = TIMING_DEFAULTS[device.type]
-    impls = _default_impls(device, dtype) if args.impls is None else _choices(args.impls, sasa_impls.list_impls(), "--impls")
+    impls = ([impl.name for impl in auto_candidates(device, dtype)] if args.impls is None
+             else comma_choices("impls", args.impls, sasa_impls.list_impls()))
     for name in impls:
         ok, reason = sasa_impls.get_impl(name).available(device, dtype)
         if not ok:
             raise UsageError(f"--impls: {name!r} is not available on {device} for {args.dtype}: {reason}")
     return {
-        "depths": _choices(args.depths, tuple(BLOCKS), "--depths", int),
-        "variants": _choices(args.variants, tuple(VARIANTS), "--variants"),
+        "depths": comma_choices("depths", args.depths, tuple(BLOCKS)),
+        "variants": comma_choices("variants", args.variants, tuple(VARIANTS)),
         "impls": impls,
         "device": device,
         "dtype": dtype,

@@ -9,7 +9,7 @@ import sasa_impls
 
 from .. import worker
 from ..cases import CONV, DIRECTIONS, DTYPES, PRESETS, default_impls, grid, preset
-from ..cli import UsageError
+from ..cli import UsageError, comma_choices, comma_ints, parse_device
 from ..runner import Settings, results_path, run_cases
 
 # Shape flags of an explicit grid, with their defaults; a preset (--suite) defines these itself.
@@ -45,47 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _list(flag: str, text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UsageError(f"--{flag}: expected a comma-separated list, got {text!r}")
-    return items
-
-
-def _ints(flag: str, text: str, odd: bool = False) -> list[int]:
-    values = []
-    for item in _list(flag, text):
-        if not item.isdigit() or int(item) < 1:
-            raise UsageError(f"--{flag}: expected positive integers, got {item!r}")
-        if odd and int(item) % 2 == 0:
-            raise UsageError(f"--{flag}: kernel sizes must be odd (the window is centred), got {item}")
-        values.append(int(item))
-    return values
-
-
-def _choices(flag: str, text: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
-    items = _list(flag, text)
-    for item in items:
-        if item not in allowed:
-            raise UsageError(f"--{flag}: unknown value {item!r}; expected one of {', '.join(allowed)}")
-    return items
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device: expected cpu or cuda[:N], got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: expected cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device: {text} is not available here (torch {torch.__version__}, no usable GPU)")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device: {text} does not exist ({torch.cuda.device_count()} GPU(s) here)")
-    return text
-
-
 def _check_settings(args: argparse.Namespace) -> Settings:
     for flag, value, low in (("repeat", args.repeat, 1), ("reps", args.reps, 1), ("warmup", args.warmup, 0), ("threads", args.threads, 1)):
         if value < low:
@@ -102,28 +61,28 @@ def _check_settings(args: argparse.Namespace) -> Settings:
 
 def build_cases(args: argparse.Namespace) -> list:
     """The cases the flags ask for; UsageError naming the flag for bad input."""
-    device = _device(args.device)
-    dtypes = _choices("dtype", args.dtype, DTYPES)
-    directions = _choices("direction", args.direction, DIRECTIONS)
-    impls = _choices("impl", args.impl, sasa_impls.list_impls() + [CONV]) if args.impl else default_impls(device, dtypes[0])
+    device = parse_device(args.device)
+    dtypes = comma_choices("dtype", args.dtype, DTYPES)
+    directions = comma_choices("direction", args.direction, DIRECTIONS)
+    impls = comma_choices("impl", args.impl, sasa_impls.list_impls() + [CONV]) if args.impl else default_impls(device, dtypes[0])
     if args.suite:
         given = [f"--{flag}" for flag in SHAPE_DEFAULTS if getattr(args, flag) is not None and flag != "batch"]
         if given:
             raise UsageError(f"{given[0]}: the preset {args.suite!r} sets the shapes; drop it or use no --suite")
         if args.suite not in PRESETS:
             raise UsageError(f"--suite: unknown preset {args.suite!r}; known: {', '.join(PRESETS)}")
-        batches = _ints("batch", args.batch) if args.batch else [None]
+        batches = comma_ints("batch", args.batch) if args.batch else [None]
         if len(batches) > 1:
             raise UsageError(f"--batch: a preset takes one batch size, got {args.batch!r}")
         batch = batches[0]
         return preset(args.suite, device, dtypes, impls, directions, batch)
     shape = {flag: getattr(args, flag) or default for flag, default in SHAPE_DEFAULTS.items()}
-    ks, channels, heads = _ints("k", shape["k"], odd=True), _ints("channels", shape["channels"]), _ints("heads", shape["heads"])
+    ks, channels, heads = comma_ints("k", shape["k"], odd=True), comma_ints("channels", shape["channels"]), comma_ints("heads", shape["heads"])
     for c in channels:
         for h in heads:
             if c % h:
                 raise UsageError(f"--channels: {c} is not divisible by --heads {h}")
-    return grid(impls, ks, channels, heads, _ints("res", shape["res"]), _ints("batch", shape["batch"]), dtypes, [device], directions)
+    return grid(impls, ks, channels, heads, comma_ints("res", shape["res"]), comma_ints("batch", shape["batch"]), dtypes, [device], directions)
 
 
 def _gflops(row: dict) -> float | None:
