@@ -1,16 +1,17 @@
-"""`sasa-bench` command line: subcommands are discovered from ``bench/commands/``.
+"""`sasa-bench` command line: one module per subcommand in ``bench/commands/``, listed in COMMANDS.
 
 Each command module defines ``register(subparsers)``, adding its parser with ``set_defaults(run=fn)``;
-``fn(args) -> int`` is the exit status. Bad input surfaces as one line on stderr and exit status 2.
+``fn(args) -> int`` is the exit status. Bad input (a UsageError here, a ValueError or TypeError from the
+library) surfaces as one line on stderr and exit status 2; an interrupt as one line and status 130.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 
-from . import commands
+# the subcommands, in the order `sasa-bench --help` lists them (module names under bench/commands/)
+COMMANDS = ("list_impls", "env", "run", "report", "claim", "compare", "models")
 
 
 class UsageError(ValueError):
@@ -65,11 +66,17 @@ def parse_device(text: str) -> str:
     return text
 
 
+def report_problems(problems: list[str]) -> None:
+    """One stderr line per result line that could not be read (bench.store.read_rows): never silently dropped."""
+    for problem in problems:
+        print(f"sasa-bench: warning: skipped a line that is not a result row: {problem}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sasa-bench", description="Benchmark stand-alone self-attention implementations.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{module.name}").register(subparsers)
+    for name in COMMANDS:
+        importlib.import_module(f"bench.commands.{name}").register(subparsers)
     return parser
 
 
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as error:  # UsageError and the API's argument errors
-        print(f"sasa-bench {args.command}: error: {error}", file=sys.stderr)
+        text = " ".join(str(error).splitlines())
+        print(f"sasa-bench {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sasa-bench {args.command}: interrupted; finished cases are kept (rerun with --resume)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The machine fingerprint every result row carries (DESIGN.md "Measurement rules").
+"""The machine fingerprint every result row carries (docs/design.md "Measurement rules").
 
 Code version (git commit and whether the tree differs from it), library versions, the CPU and the
 thread count, and on NVIDIA GPUs the nvidia-ml-py readings (name, driver, clocks, power, temperature,
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# Changes under these paths are measurements, not code: they do not make the tree "dirty".
-DATA_PATHS = ("results", "reports")
+# Changes to these are measurements and prose, not code: they do not make the tree "dirty" (git pathspecs).
+NOT_CODE = ("results", "reports", "*.md")
 
 
 def _git(*args: str) -> str | None:
@@ -89,7 +89,7 @@ def gpu_readings() -> dict:
 
 def environment() -> dict:
     """Commit, dirty flag, versions, CPU, threads and the GPU readings of this machine, now."""
-    dirty = _git("status", "--porcelain", "--", ".", *(f":!{p}" for p in DATA_PATHS))
+    dirty = _git("status", "--porcelain", "--", ".", *(f":!{p}" for p in NOT_CODE))
     return {
         "commit": _git("rev-parse", "HEAD"),
         "dirty": None if dirty is None else bool(dirty),

@@ -1,4 +1,4 @@
-"""Analytic MAC counts (DESIGN.md "FLOP accounting"). MACs = multiply-accumulates; FLOPs = 2 x MACs."""
+"""Analytic MAC counts (docs/design.md "FLOP accounting"). MACs = multiply-accumulates; FLOPs = 2 x MACs."""
 from __future__ import annotations
 
 ACCOUNTINGS = ("content_only", "rel_per_key", "rel_factorized")

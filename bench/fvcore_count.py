@@ -15,6 +15,7 @@ padding, gathers, and custom kernels such as Triton's, which a trace sees as opa
 from __future__ import annotations
 
 import logging
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from math import prod
@@ -63,6 +64,26 @@ def analyse(module: nn.Module, inputs: tuple) -> FlopCount:
         by_op = {op: int(n) for op, n in analysis.by_operator().items()}
         uncounted = {op: int(n) for op, n in analysis.unsupported_ops().items()}
     return FlopCount(total=int(analysis.total()), by_op=by_op, uncounted=uncounted)
+
+
+# Code fvcore's tracer (torch.jit.trace) cannot follow, found by where the failure was raised: file
+# fragment -> what it is, in words.
+UNTRACEABLE_CODE = (
+    ("/natten/", "NATTEN, which checks its input sizes as Python ints where a trace gives tensors"),
+    ("torch/nn/attention/flex_attention", "FlexAttention, whose block mask is built with torch.vmap and whose kernel "
+                                          "is compiled (torch.compile)"),
+    ("torch/_dynamo", "compiled code (torch.compile)"),
+    ("torch/_functorch", "torch.vmap"),
+)
+
+
+def trace_failure(error: BaseException) -> str:
+    """Why fvcore could not count a module, in words: what its tracer could not follow (never the error's text)."""
+    frames = [frame.filename.replace("\\", "/") for frame in traceback.extract_tb(error.__traceback__)]
+    for fragment, words in UNTRACEABLE_CODE:
+        if any(fragment in frame for frame in frames):
+            return f"not countable: fvcore traces the module with torch.jit.trace, which cannot follow {words}"
+    return "not countable: fvcore could not trace this module with torch.jit.trace"
 
 
 def count_flops(module: nn.Module, inputs: tuple) -> tuple[int, dict[str, int]]:

@@ -1,9 +1,10 @@
-"""Latency and peak memory of a callable, following DESIGN.md's measurement rules.
+"""Latency and peak memory of a callable, following the design's measurement rules (docs/design.md).
 
-CPU: a fixed thread count, warm-up calls, then repetitions until both a minimum count and a minimum
-total time are reached; median and inter-quartile range (IQR) of the per-call wall times.
-CUDA: the same loop timed with CUDA events, the L2 cache flushed (a buffer twice its size overwritten)
-before every repetition so no call finds its inputs in cache from the previous one.
+Latency, CPU: ``torch.utils.benchmark.Timer.adaptive_autorange`` with a fixed thread count, after warm-up
+calls: it measures blocks of calls until the spread (IQR / median) falls below ``confidence`` or the time
+budget runs out, so noisy cases get more repetitions; median, IQR and whether it met its confidence.
+Latency, CUDA: ``triton.testing.do_bench`` (L2 flushed before every call, CUDA events, quantiles) where
+triton is installed, else the same loop with CUDA events and an L2 flush of our own.
 
 Peak memory: on CUDA the caching allocator's peak of allocated bytes above what existed before the
 call (inputs, weights); on CPUs the growth of the process's peak resident set (RSS) during the call,
@@ -13,6 +14,7 @@ own (the runner's workers do).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import re
 import resource
 import statistics
@@ -22,17 +24,33 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.benchmark as torch_benchmark
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 @dataclass(frozen=True)
+class TimerSettings:
+    """How long and how hard to time a call (the CLI's --warmup, --reps, --min-time, --max-time, --confidence)."""
+
+    warmup: int = 2  # untimed calls first (compilation, caches, allocator)
+    reps: int = 5  # at least this many calls' worth of timed time
+    min_time_s: float = 0.5  # at least this much timed time
+    max_time_s: float = 5.0  # stop here even when not confident
+    confidence: float = 0.05  # stop once IQR / median is below this
+    threads: int | None = None  # torch's CPU thread count while timing
+
+
+@dataclass(frozen=True)
 class Timing:
-    """Median and IQR of the per-call times in milliseconds, over ``reps`` timed calls."""
+    """Median and IQR of the per-call times in milliseconds, over ``reps`` timed calls, and whether the
+    spread met the requested confidence; ``timer`` names what measured it."""
 
     median_ms: float
     iqr_ms: float
-    reps: int
+    reps: int | None  # None where the timer does not say (do_bench)
+    confident: bool
+    timer: str
 
 
 def _median_iqr(times_ms: list[float]) -> tuple[float, float]:
@@ -42,10 +60,21 @@ def _median_iqr(times_ms: list[float]) -> tuple[float, float]:
     return statistics.median(times_ms), q3 - q1
 
 
-def _cpu_call_ms(fn: Callable[[], object]) -> float:
+def time_cpu(fn: Callable[[], object], settings: TimerSettings) -> Timing:
+    """Warm-up calls (timed, to size the budget), then ``adaptive_autorange`` until confident."""
     start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    for _ in range(settings.warmup):
+        fn()
+    per_call = (time.perf_counter() - start) / settings.warmup if settings.warmup else 0.0
+    threads = settings.threads or torch.get_num_threads()
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    min_time = max(settings.min_time_s, settings.reps * per_call)
+    measured = timer.adaptive_autorange(threshold=settings.confidence, min_run_time=min_time,
+                                        max_run_time=max(settings.max_time_s, min_time))
+    return Timing(median_ms=measured.median * 1e3, iqr_ms=measured.iqr * 1e3,
+                  reps=len(measured.raw_times) * measured.number_per_run,
+                  confident=measured.meets_confidence(settings.confidence),
+                  timer="torch.utils.benchmark adaptive_autorange")
 
 
 class _CudaTimer:
@@ -65,25 +94,33 @@ class _CudaTimer:
         return start.elapsed_time(end)
 
 
-def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 2, reps: int = 5,
-            min_time_s: float = 0.5, max_reps: int = 200, threads: int | None = None) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then at least ``reps`` timed calls and at least
-    ``min_time_s`` seconds of them (at most ``max_reps``). ``threads`` fixes torch's CPU thread count."""
-    if reps < 1 or warmup < 0:
-        raise ValueError(f"reps, warmup: expected reps >= 1 and warmup >= 0, got {reps}, {warmup}")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    device = torch.device(device)
-    call_ms = _CudaTimer(device) if device.type == "cuda" else _cpu_call_ms
-    for _ in range(warmup):
+def time_cuda(fn: Callable[[], object], device: torch.device, settings: TimerSettings) -> Timing:
+    """``triton.testing.do_bench`` (quartiles of calls over ``min_time_s``, L2 flushed), else CUDA events."""
+    for _ in range(settings.warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times: list[float] = []
-    while len(times) < reps or (sum(times) < min_time_s * 1e3 and len(times) < max_reps):
+    torch.cuda.synchronize(device)
+    if importlib.util.find_spec("triton") is not None:
+        from triton.testing import do_bench
+
+        q1, median, q3 = do_bench(fn, warmup=0, rep=max(1.0, settings.min_time_s * 1e3), quantiles=[0.25, 0.5, 0.75])
+        return Timing(median_ms=median, iqr_ms=q3 - q1, reps=None,
+                      confident=(q3 - q1) <= settings.confidence * median, timer="triton do_bench")
+    call_ms, times = _CudaTimer(device), []
+    while len(times) < settings.reps or (sum(times) < settings.min_time_s * 1e3 and sum(times) < settings.max_time_s * 1e3):
         times.append(call_ms(fn))
     median, iqr = _median_iqr(times)
-    return Timing(median_ms=median, iqr_ms=iqr, reps=len(times))
+    return Timing(median_ms=median, iqr_ms=iqr, reps=len(times), confident=iqr <= settings.confidence * median,
+                  timer="cuda events")
+
+
+def time_call(fn: Callable[[], object], device: str | torch.device = "cpu", settings: TimerSettings = TimerSettings()) -> Timing:
+    """Time ``fn()`` on ``device`` (see the module docstring)."""
+    if settings.warmup < 0 or settings.reps < 1:
+        raise ValueError(f"reps, warmup: expected reps >= 1 and warmup >= 0, got {settings.reps}, {settings.warmup}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return time_cuda(fn, device, settings)
+    return time_cpu(fn, settings)
 
 
 def proc_status_kib(field: str) -> int | None:

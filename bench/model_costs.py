@@ -1,4 +1,4 @@
-"""Analytic parameters and MACs of a whole model (DESIGN.md "FLOP accounting"), layer by layer.
+"""Analytic parameters and MACs of a whole model (docs/design.md "FLOP accounting"), layer by layer.
 
 Parameters: a formula per layer type (conv, linear, batch norm, SASA2d, AttentionStem), checked
 against ``sum(p.numel())`` by the tests. MACs: one forward pass on the ``meta`` device (shapes only,
@@ -44,7 +44,8 @@ def _sasa_params(m: SASA2d) -> int:
 
 
 def _stem_params(m: AttentionStem) -> int:
-    """SASA2d's count with m value matrices instead of one, plus emb_row, emb_col, nu and the BN."""
+    """SASA2d's count (relative embeddings of the 2 pool - 1 offsets inside a block) with m value matrices
+    instead of one, plus emb_row, emb_col, nu and the BN."""
     d_in, d_out, mixtures = m.query.in_channels, m.query.out_channels, m.nu.shape[0]
     extra_values = (mixtures - 1) * d_in * d_out
     position = (2 * m.pool_size + mixtures) * d_out
@@ -76,6 +77,16 @@ def _projection_ids(model: nn.Module) -> set[int]:
     return {id(conv) for m in model.modules() if isinstance(m, SASA2d) for conv in (m.query, m.key, m.value)}
 
 
+def _keys_side(m: SASA2d) -> int:
+    """Side of the square of keys every pixel attends to: k for SASA2d, the pooling block for the stem.
+
+    The MAC formulas of bench/flops.py only depend on that square (side^2 keys for q.k and a.v, side
+    offsets per axis for the factorized relative logits), so the stem's pool^2 keys count as a pool x
+    pool window, not as the 2 pool - 1 window the op is called with (whose extra positions are masked).
+    """
+    return m.pool_size if isinstance(m, AttentionStem) else m.kernel_size
+
+
 def count_macs(model: nn.Module, resolution: int, in_channels: int = 3) -> dict[str, int]:
     """MACs of one image at ``resolution`` x ``resolution``, by component.
 
@@ -98,7 +109,7 @@ def count_macs(model: nn.Module, resolution: int, in_channels: int = 3) -> dict[
 
     def on_attention(m: SASA2d, inputs, output) -> None:
         _, _, height, width = inputs[0].shape  # the op runs before the layer's pooling
-        per_pixel = attention_macs_per_pixel(m.query.in_channels, m.query.out_channels, m.kernel_size)
+        per_pixel = attention_macs_per_pixel(m.query.in_channels, m.query.out_channels, _keys_side(m))
         for key in ("qk", "av", "rel_per_key", "rel_factorized"):
             totals[key] += per_pixel[key] * height * width
         if isinstance(m, AttentionStem):

@@ -1,10 +1,13 @@
-"""Run a list of cases, each in its own subprocess, and append one result row per case.
+"""Run a list of cases, each isolated in subprocesses, and append one result row per case.
 
-Rows go to ``<out_dir>/<machine_id>/<name or suite or "adhoc">.jsonl`` (bench.store: one atomic line per
-row, so an interrupted sweep loses nothing it finished). Per (impl, device, dtype, direction) the
-correctness gate runs once per sweep, in a subprocess too, before the first case that needs it. A case
-then runs two subprocesses, peak memory first, then latency and fvcore's count; the time limit
-(``Settings.timeout_s``) applies to each subprocess.
+Rows go to ``<out_dir>/<machine>/<name or suite or "adhoc">.jsonl``, the folder of the machine that measured
+them (bench.store: one atomic line per row, so an interrupted sweep loses nothing it finished). Cases are
+measured by an executor: here, one after another (:func:`measure_locally`); bench/ray_executor.py hands
+them to a Ray cluster. A case the implementation declares it cannot
+run (``Impl.supports`` on the case's spec) is recorded ``unsupported`` without starting anything. Per
+(impl, device, dtype, direction, relative, options) the correctness gate runs once per sweep, in a
+subprocess too, before the first case that needs it. A case then runs two subprocesses, peak memory
+first, then latency and fvcore's count; the time limit (``Settings.timeout_s``) applies to each.
 
 Resume: a case is skipped when the file already has a row for it (same case key and repeat index)
 from the same commit with a final status (ok, oom, unsupported, incorrect). Rows with ``error`` or
@@ -13,70 +16,109 @@ rows of another commit are re-measured (the code changed).
 
 Subprocesses come from a multiprocessing "forkserver" that has imported torch, sasa_impls and fvcore
 once, so a case starts in milliseconds; nothing in that server has run a computation or touched CUDA.
+Interrupts (Ctrl-C, SIGTERM) stop the current worker and the forkserver and end the sweep with
+KeyboardInterrupt; a SIGKILLed runner takes its workers with it (bench.worker.die_with_parent).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import threading
 import time
+import types
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 import sasa_impls
 
-from . import store, worker
-from .cases import CONV, Case, analytic_costs, case_key
+from . import store
+from .cases import analytic_costs, attention_spec
 from .env import environment, gpu_readings, machine_id
-
-FINAL_STATUSES = ("ok", "oom", "unsupported", "incorrect")
+from .measure import TimerSettings
+from .plugins import load_plugins
+from .progress import Progress
+from .schema import CONV, FINAL_STATUSES, Case, Row, Status, achieved_gflops, case_key
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How each case is measured (see bench.measure.time_fn) and what its subprocess may use."""
+    """How each case is timed (bench.measure.TimerSettings) and what its subprocesses may use."""
 
     warmup: int = 2
     reps: int = 5
     min_time_s: float = 0.5
+    max_time_s: float = 5.0
+    confidence: float = 0.05
     threads: int = torch.get_num_threads()
     timeout_s: float = 600.0
     memory_limit_bytes: int | None = None
 
+    def timer(self) -> TimerSettings:
+        """The timer's part of the settings."""
+        return TimerSettings(self.warmup, self.reps, self.min_time_s, self.max_time_s, self.confidence, self.threads)
 
-_CONTEXT = None
 
-
+@functools.cache
 def _context() -> multiprocessing.context.BaseContext:
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["bench.worker", "fvcore.nn"])
-    return _CONTEXT
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["bench.worker", "fvcore.nn"])
+    return context
+
+
+def stop_workers() -> None:
+    """Stop the forkserver (its workers die with it: bench.worker.die_with_parent); the next case starts a new one."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is not None and hasattr(server, "_stop"):
+        server._stop()
+
+
+@contextlib.contextmanager
+def bare_main() -> Iterator[None]:
+    """Within: this process's ``__main__`` is an empty module, so a subprocess started here does not import it.
+    multiprocessing has every new subprocess import its parent's main script: in a Ray worker that is Ray's
+    worker script (half a second more per case, and ray loaded in the process being measured), in a user's
+    script whatever it imports at the top."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _crash_result(exitcode: int | None) -> dict:
     if exitcode == -signal.SIGKILL:
-        return {"status": "oom", "error": "worker killed by SIGKILL (the kernel's out-of-memory killer?)"}
+        return {"status": Status.OOM, "error": "worker killed by SIGKILL (the kernel's out-of-memory killer?)"}
     if exitcode is not None and exitcode < 0:
-        return {"status": "error", "error": f"worker crashed: signal {signal.Signals(-exitcode).name}"}
-    return {"status": "error", "error": f"worker exited with status {exitcode} without a result"}
+        return {"status": Status.ERROR, "error": f"worker crashed: signal {signal.Signals(-exitcode).name}"}
+    return {"status": Status.ERROR, "error": f"worker exited with status {exitcode} without a result"}
 
 
 def run_isolated(task: dict, timeout_s: float) -> dict:
-    """Run ``worker.child_main(task)`` in a new subprocess; its result, or a status for a timeout or crash."""
+    """Run ``worker.child_main(task)`` in a new subprocess; its result, or a status for a timeout or crash.
+    The subprocess never outlives this call (an interrupt kills it before propagating)."""
+    from . import worker
+
     context = _context()
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=worker.child_main, args=(task, writer), daemon=True)
-    process.start()
+    with bare_main():
+        process.start()
     writer.close()
     try:
         if not reader.poll(timeout_s):
-            return {"status": "timeout", "error": f"no result within {timeout_s:g} s (--timeout)"}
+            return {"status": Status.TIMEOUT, "error": f"no result within {timeout_s:g} s (--timeout)"}
         try:
             return reader.recv()
         except EOFError:
@@ -84,78 +126,10 @@ def run_isolated(task: dict, timeout_s: float) -> dict:
             return _crash_result(process.exitcode)
     finally:
         reader.close()
-        process.join(1)
+        process.join(0.5)
         if process.is_alive():
             process.kill()
             process.join()
-
-
-def finished_keys(path: Path, commit: str | None) -> set[tuple]:
-    """(case key, repeat) of the rows in ``path`` that resume may skip (see the module docstring)."""
-    if not path.exists():
-        return set()
-    return {
-        (case_key(row), row.get("repeat", 0))
-        for row in store.read_rows([path])
-        if row.get("status") in FINAL_STATUSES and row.get("commit") == commit
-    }
-
-
-class Progress:
-    """One line per case on stderr: position, ETA, the case, then its status and latency."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start, self.done = total, enabled, time.monotonic(), 0
-
-    def begin(self, case: Case, repeat: int) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.start
-        eta = f"ETA {_duration(elapsed / self.done * (self.total - self.done))}" if self.done else "ETA ?"
-        again = f" (repeat {repeat})" if repeat else ""
-        print(f"[{self.done + 1}/{self.total} {_duration(elapsed)} {eta}] {case.label()}{again} ...", end="", file=sys.stderr, flush=True)
-
-    def end(self, row: dict) -> None:
-        self.done += 1
-        if self.enabled:
-            latency = f" {row['latency_ms']:.3g} ms" if row.get("latency_ms") is not None else ""
-            detail = f" ({row['error']})" if row.get("error") else ""
-            print(f" {row['status']}{latency}{detail}", file=sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s"
-
-
-def _check(case: Case, gates: dict, settings: Settings, plugins: list[str]) -> dict:
-    """Availability, then the cached correctness gate: {"status": "ok"} when the case may be measured."""
-    if case.impl == CONV:
-        return {"status": "ok"}
-    impl = sasa_impls.get_impl(case.impl)
-    available, reason = impl.available(torch.device(case.device), getattr(torch, case.dtype))
-    if not available:
-        return {"status": "unsupported", "error": reason}
-    key = (case.impl, case.device, case.dtype, case.direction)
-    if key not in gates:
-        task = {"kind": "gate", "impl": case.impl, "device": case.device, "dtype": case.dtype,
-                "direction": case.direction, "settings": asdict(settings), "plugins": plugins}
-        gates[key] = run_isolated(task, settings.timeout_s)
-    return gates[key]
-
-
-def measure_one(case: Case, gates: dict, settings: Settings, plugins: list[str]) -> dict:
-    """The measured fields of one case: the gate, then (if it passed) peak memory and latency, each in
-    a subprocess of its own (see bench.worker.measure_memory for why apart)."""
-    checked = _check(case, gates, settings, plugins)
-    gate_fields = {k: checked[k] for k in ("gate_max_error", "gate_tolerance") if k in checked}
-    if checked["status"] != "ok":
-        return {**gate_fields, "status": checked["status"], "error": checked.get("error")}
-    task = {"case": asdict(case), "settings": asdict(settings), "plugins": plugins}
-    memory = run_isolated({**task, "kind": "memory"}, settings.timeout_s)
-    if memory["status"] != "ok":
-        return {**gate_fields, **memory}
-    return {**gate_fields, **memory, **run_isolated({**task, "kind": "time"}, settings.timeout_s)}
 
 
 def results_path(out_dir: str | os.PathLike, name: str) -> Path:
@@ -163,36 +137,139 @@ def results_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / machine_id() / f"{name}.jsonl"
 
 
+def finished_keys(path: Path, commit: str | None, problems: list[str]) -> set[tuple]:
+    """(case key, repeat) of the rows in ``path`` that resume may skip (see the module docstring)."""
+    if not path.exists():
+        return set()
+    return {
+        (case_key(row), row.get("repeat") or 0)
+        for row in store.read_rows([path], problems)
+        if row.get("status") in FINAL_STATUSES and row.get("commit") == commit
+    }
+
+
+def gate_key(case: Case) -> tuple:
+    """Cases sharing a gate: the gate's verdict depends on these, not on the shape."""
+    return case.impl, case.device, case.dtype, case.direction, case.relative, case.impl_options
+
+
+def _task(kind: str, settings: Settings, plugins: list[str], **fields) -> dict:
+    return {"kind": kind, "threads": settings.threads, "plugins": plugins,
+            "memory_limit_bytes": settings.memory_limit_bytes, **fields}
+
+
+def measure_case(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
+    """The measured fields of one case on this machine: declared support, the (cached) gate, then peak
+    memory and latency, each in a subprocess of its own (see bench.pipeline.measure_memory for why apart)."""
+    if case.impl != CONV:
+        ok, why = sasa_impls.get_impl(case.impl).supports(attention_spec(case))
+        if not ok:
+            return {"status": Status.UNSUPPORTED, "error": f"{case.impl} {why}"}
+        key = gate_key(case)
+        if key not in gates:
+            gate = dict(impl=case.impl, device=case.device, dtype=case.dtype, direction=case.direction,
+                        relative=case.relative, options=case.impl_options)
+            gates[key] = run_isolated(_task("gate", settings, plugins, gate=gate), settings.timeout_s)
+        checked = gates[key]
+        fields = {k: checked[k] for k in ("gate_max_error", "gate_tolerance", "warnings") if checked.get(k) is not None}
+        if checked["status"] != Status.OK:
+            return {**fields, "status": checked["status"], "error": checked.get("error")}
+    else:
+        fields = {}
+    memory = run_isolated(_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
+    if memory["status"] != Status.OK:
+        return {**fields, **memory}
+    timed = run_isolated(_task("time", settings, plugins, case=asdict(case), timer=asdict(settings.timer())),
+                         settings.timeout_s)
+    warnings = list(dict.fromkeys((fields.get("warnings") or []) + (memory.get("warnings") or []) + (timed.get("warnings") or [])))
+    return {**fields, **memory, **timed, "warnings": warnings or None}
+
+
+def measure_here(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
+    """:func:`measure_case` with the readings of the machine that measured: its environment, its results
+    folder name and host, and on CUDA the GPU's readings before and after."""
+    cuda = case.device.startswith("cuda")
+    before = gpu_readings() if cuda else {}
+    measured = measure_case(case, settings, plugins, gates)
+    after = gpu_readings() if cuda else {}
+    return {**_environment(), **before, **measured, "gpu_after": after or None, "machine": machine_id(),
+            "node": socket.gethostname()}
+
+
+@functools.cache
+def _environment() -> dict:
+    return environment()
+
+
+def make_row(case: Case, measured: dict, settings: Settings, repeat: int, run_id: str, suite: str | None) -> dict:
+    """The row of one case (bench.schema.Row): the case, its analytic costs, what was measured where."""
+    costs = analytic_costs(case)
+    fields = {**costs, **measured, "threads": settings.threads, "repeat": repeat, "run_id": run_id, "suite": suite,
+              "borders": None if case.impl == CONV else sasa_impls.get_impl(case.impl).borders,
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fields["status"] = str(fields["status"])
+    if fields["status"] == Status.OK:
+        fields["gflops"] = achieved_gflops(costs["macs_analytic"], fields.get("latency_ms"), case.direction)
+    return asdict(Row(**asdict(case), **fields))
+
+
+@contextlib.contextmanager
+def interrupts_stop_the_sweep() -> Iterator[None]:
+    """Within: SIGTERM ends the sweep like Ctrl-C (KeyboardInterrupt), and either stops every worker."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_workers()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+# An executor measures (case, repeat) pairs and yields (case, repeat, measured fields) as each finishes, in
+# any order; ``started(case, repeat)`` is called when a case begins, where the executor knows it.
+Executor = Callable[[list[tuple[Case, int]], Settings, list[str], Callable[[Case, int], None]], Iterator[tuple[Case, int, dict]]]
+
+
+def measure_locally(todo: list[tuple[Case, int]], settings: Settings, plugins: list[str],
+                    started: Callable[[Case, int], None]) -> Iterator[tuple[Case, int, dict]]:
+    """The default executor: one case after another on this machine (each in its own subprocesses)."""
+    gates: dict = {}
+    for case, repeat in todo:
+        started(case, repeat)
+        yield case, repeat, measure_here(case, settings, plugins, gates)
+
+
 def run_cases(cases: list[Case], out_dir: str | os.PathLike = "results", resume: bool = True, suite: str | None = None,
-              progress: bool = True, *, name: str | None = None, repeat: int = 1, settings: Settings = Settings()) -> list[dict]:
+              progress: bool = True, *, name: str | None = None, repeat: int = 1, settings: Settings = Settings(),
+              executor: Executor = measure_locally) -> list[dict]:
     """Measure every case (``repeat`` passes over the list: the spread between passes is the timing
-    noise), each isolated in a subprocess; append each row as it finishes and return the rows written."""
-    plugins = worker.plugin_specs()
-    worker.load_plugins(plugins)
-    env = environment()
-    machine = machine_id()
-    path = results_path(out_dir, name or suite or "adhoc")
-    skip = finished_keys(path, env["commit"]) if resume else set()
+    noise), each isolated in subprocesses; append each row as it finishes, to the results file of the
+    machine that measured it, and return the rows written."""
+    plugins = load_plugins()
+    file_name = f"{name or suite or 'adhoc'}.jsonl"
+    path = store.prepare(results_path(out_dir, file_name[:-6]))
+    problems: list[str] = []
+    commit = _environment()["commit"]
+    skip = set().union(*(finished_keys(p, commit, problems) for p in Path(out_dir).glob(f"*/{file_name}"))) if resume else set()
     todo = [(case, r) for r in range(repeat) for case in cases if (case.key(), r) not in skip]
     run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    bar, gates, rows = Progress(len(todo), progress), {}, []
-    if progress and len(todo) < len(cases) * repeat:
-        print(f"resume: {len(cases) * repeat - len(todo)} finished case(s) in {path} skipped", file=sys.stderr)
-    for case, r in todo:
-        bar.begin(case, r)
-        before = gpu_readings() if case.device.startswith("cuda") else {}
-        measured = measure_one(case, gates, settings, plugins)
-        after = gpu_readings() if case.device.startswith("cuda") else {}
-        costs = analytic_costs(case)
-        row = {
-            **asdict(case), **env, **before, "status": None, "error": None, "latency_ms": None, "latency_iqr_ms": None,
-            "reps": None, "peak_mem_bytes": None, "params": None, "flops_fvcore": None, "fvcore_uncounted": None,
-            **costs, **measured,
-            "borders": None if case.impl == CONV else sasa_impls.get_impl(case.impl).borders,
-            "gpu_after": after or None, "threads": settings.threads, "repeat": r, "machine": machine,
-            "run_id": run_id, "suite": suite, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        store.append_row(path, row)
-        rows.append(row)
-        bar.end(row)
+    rows = []
+    with Progress(len(todo), enabled=progress) as bar, interrupts_stop_the_sweep():
+        for problem in problems:
+            bar.note(f"unreadable row skipped by --resume: {problem}")
+        if len(todo) < len(cases) * repeat:
+            bar.note(f"resume: {len(cases) * repeat - len(todo)} finished case(s) in {out_dir}/*/{file_name} skipped")
+        for case, r, measured in executor(todo, settings, plugins, bar.begin):
+            row = make_row(case, measured, settings, r, run_id, suite)
+            store.append_row(Path(out_dir) / row["machine"] / file_name if row["machine"] else path, row)
+            rows.append(row)
+            bar.end(row)
     return rows

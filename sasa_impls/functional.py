@@ -1,7 +1,7 @@
-"""The public functional op: argument checks, then dispatch to a registered implementation."""
+"""The public functional op: argument checks, then dispatch to a registered implementation that supports the input."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -59,16 +59,14 @@ def check_inputs(q, k, v, rel_row, rel_col, kernel_size, scale) -> None:
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
 
 
-def select_impl(impl: str, device: torch.device, dtype: torch.dtype, with_rel: bool) -> registry.Impl:
-    """Look ``impl`` up ('auto' picks the preferred one) and check it can run here with these inputs."""
+def select_impl(impl: str, spec: registry.AttentionSpec) -> registry.Impl:
+    """Look ``impl`` up ('auto' picks the preferred one) and check it can compute ``spec``."""
     if impl == "auto":
-        return registry.resolve_auto(device, dtype, with_rel)
+        return registry.resolve_auto(spec)
     chosen = registry.get_impl(impl)
-    ok, reason = chosen.available(device, dtype)
+    ok, reason = chosen.supports(spec)
     if not ok:
-        raise ValueError(f"impl: {impl!r} is not available on {device} for {dtype}: {reason}")
-    if with_rel and not chosen.supports_rel:
-        raise ValueError(f"impl: {impl!r} has no relative-position term; pass rel_row=rel_col=None")
+        raise ValueError(f"impl: {impl!r} {reason}")
     return chosen
 
 
@@ -81,12 +79,18 @@ def local_attention(
     kernel_size: int,
     impl: str = "unfold",
     scale: float = 1.0,
+    options: Optional[Mapping[str, Any] | str] = None,
 ) -> torch.Tensor:
-    """SASA local attention over the k x k window of every pixel (DESIGN.md: "The operation").
+    """SASA local attention over the k x k window of every pixel (docs/design.md: "The operation").
 
     q, k, v: (B, heads, H, W, D); rel_row: (heads, k, D // 2) and rel_col: (heads, k, D - D // 2), or
-    both None for content-only attention. Returns (B, heads, H, W, D) in the input dtype.
+    both None for content-only attention. ``options``: the implementation's own options (``Impl.options``,
+    e.g. ``{"block": 8}`` for memory_blocks, or the text "block=8"); not with ``impl="auto"``.
+    Returns (B, heads, H, W, D) in the input dtype.
     """
     check_inputs(q, k, v, rel_row, rel_col, kernel_size, scale)
-    chosen = select_impl(impl, q.device, q.dtype, rel_row is not None)
-    return chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale))
+    if options and impl == "auto":
+        raise ValueError("options: implementation options need an explicit impl, not 'auto'")
+    spec = registry.AttentionSpec.of(q, (q, k, v, rel_row, rel_col), kernel_size, rel_row is not None)
+    chosen = select_impl(impl, spec)
+    return chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale), **chosen.parse_options(options))

@@ -1,10 +1,13 @@
-"""Layers built on the op: SASA2d (the paper's attention layer) and AttentionStem (paper 3.2)."""
+"""Layers built on the op: SASA2d (the paper's attention layer) and AttentionStem (paper 3.2, block attention)."""
 from __future__ import annotations
+
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .functional import check_kernel_size, local_attention, rel_shapes
+from .registry import get_impl
 
 
 def _check_heads(in_channels: int, out_channels: int, heads: int) -> None:
@@ -43,15 +46,22 @@ class SASA2d(nn.Module):
     1x1 Q, K, V projections (no bias), per-head relative embeddings, the op, and a 2 x 2 average pool
     when ``stride == 2``. Parameters: 3 d_in d_out + k d_out, whatever k. ``relative=False`` drops the
     embeddings (content-only attention: the paper's ablation, and what peers such as NATTEN compute).
+    ``impl`` names the implementation (checked here, so a typo fails at construction), ``options`` its
+    own options (``Impl.options``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, heads: int = 8, stride: int = 1, impl: str = "auto", scale: float = 1.0, relative: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, heads: int = 8, stride: int = 1, impl: str = "auto", scale: float = 1.0, relative: bool = True, options: Optional[Mapping[str, Any] | str] = None):
         super().__init__()
         check_kernel_size(kernel_size)
         _check_heads(in_channels, out_channels, heads)
         if stride not in (1, 2):
             raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
+        if impl != "auto":
+            get_impl(impl).parse_options(options)
+        elif options:
+            raise ValueError("options: implementation options need an explicit impl, not 'auto'")
         self.kernel_size, self.heads, self.stride, self.impl, self.scale = kernel_size, heads, stride, impl, scale
+        self.options = options
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.value = nn.Conv2d(in_channels, out_channels, 1, bias=False)
@@ -63,7 +73,7 @@ class SASA2d(nn.Module):
         rel_row, rel_col = (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
         out = local_attention(
             _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads),
-            rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
+            rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale, options=self.options,
         )
         return _merge_heads(out)
 
@@ -71,20 +81,52 @@ class SASA2d(nn.Module):
         return self.pool(self.attend(self.query(x), self.key(x), self.value(x)))
 
 
-class AttentionStem(SASA2d):
-    """The paper's attention stem (3.2): SASA whose values are spatially aware, then 4 x 4 max pool and BN.
+def _to_blocks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * H/size * W/size, C, size, size): every size x size block as an image of its own."""
+    batch, channels, height, width = x.shape
+    blocks = x.reshape(batch, channels, height // size, size, width // size, size)  # (B, C, H/s, s, W/s, s)
+    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, size, size)  # (B * H/s * W/s, C, s, s)
 
-    v_ab = (sum_m p(a, b, m) W_V^m) x_ab with p(a, b, m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m):
-    ``value_mixtures`` value matrices, mixed by the pixel's position (a, b) inside the ``pool`` x ``pool``
-    window of the max pooling that follows (so the mixture is aligned with that pooling).
+
+def _from_blocks(blocks: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`_to_blocks`: (B * H/s * W/s, C, s, s) -> (B, C, H, W)."""
+    _, channels, size, _ = blocks.shape
+    grid = blocks.reshape(batch, height // size, width // size, channels, size, size)  # (B, H/s, W/s, C, s, s)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)  # (B, C, H, W)
+
+
+class AttentionStem(SASA2d):
+    """The paper's attention stem (sec. 3.2, appendix A.1): attention inside each ``pool`` x ``pool`` block
+    with spatially-aware values, then ``pool`` x ``pool`` max pooling and batch norm (224 -> 56 for pool 4).
+
+    What it computes, per head, for pixel (i, j):
+
+    - keys: the pool^2 pixels (a, b) of its own block, the non-overlapping block the max pooling takes
+      ("the attention receptive field aligns with the max pooling window");
+    - values: v_ab = (sum_m p(a, b, m) W_V^m) x_ab with p(a, b, m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m),
+      ``value_mixtures`` matrices W_V^m mixed by the position (a mod pool, b mod pool) inside the block,
+      p shared by all heads;
+    - logits: those of the paper's attention layer (its eq. 3, relative logits included):
+      q_ij . k_ab + q_ij[:D/2] . rel_row[a - i + pool - 1] + q_ij[D/2:] . rel_col[b - j + pool - 1];
+      offsets inside a block lie in [-(pool - 1), pool - 1], so the per-head embeddings hold 2 pool - 1 rows
+      (7 for pool 4: the contract's layout for k = 7). Kept because sec. 3.2 builds the stem from that
+      layer and changes only its values, and because Table 1's full-attention FLOPs need them: with them
+      ResNet-26/38/50 give 4.72/5.96/7.21 G (paper 4.7/6.0/7.2), without them 0.10 G less (4.6/5.9/7.1);
+    - y_ij = sum_ab softmax_ab(logits) v_ab, then max pool and batch norm.
+
+    How: each block is cut out as an image of its own and the suite's op runs on those images with
+    kernel_size = 2 pool - 1. That window, centred on any pixel of a pool x pool image, covers the whole
+    image, and the contract's masked borders drop the window positions outside it: the op computes exactly
+    the block attention, with whichever implementation ``impl`` names. H and W must be multiples of
+    ``pool`` (ValueError otherwise): a partial block would have no max-pool window to align with.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 64, kernel_size: int = 7, heads: int = 8, value_mixtures: int = 4, pool: int = 4, impl: str = "auto", scale: float = 1.0):
-        super().__init__(in_channels, out_channels, kernel_size, heads, 1, impl, scale)
-        if value_mixtures < 1:
-            raise ValueError(f"value_mixtures: expected a positive int, got {value_mixtures!r}")
-        if pool < 1:
-            raise ValueError(f"pool: expected a positive int, got {pool!r}")
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, *, heads: int = 8, value_mixtures: int = 4,
+                 pool: int = 4, impl: str = "auto", scale: float = 1.0):
+        for name, value in (("value_mixtures", value_mixtures), ("pool", pool)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        super().__init__(in_channels, out_channels, 2 * pool - 1, heads, 1, impl, scale)
         self.pool_size = pool
         self.value = nn.Conv2d(in_channels, out_channels * value_mixtures, 1, bias=False)  # the W_V^m, stacked
         self.emb_row = nn.Parameter(torch.randn(pool, out_channels) * out_channels**-0.5)
@@ -93,16 +135,30 @@ class AttentionStem(SASA2d):
         self.pool = nn.Sequential(nn.MaxPool2d(pool), nn.BatchNorm2d(out_channels))
 
     def mixture_weights(self, height: int, width: int) -> torch.Tensor:
-        """p(a, b, m) for every pixel: (m, H, W), positions taken modulo the pooling window."""
+        """p(a, b, m) for every pixel: (m, H, W), positions taken inside the pooling block (modulo pool)."""
         rows = torch.arange(height, device=self.nu.device) % self.pool_size
         cols = torch.arange(width, device=self.nu.device) % self.pool_size
         emb = self.emb_row[rows][:, None, :] + self.emb_col[cols][None, :, :]  # (H, W, C)
         return torch.softmax(emb @ self.nu.t(), dim=-1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def spatially_aware_values(self, x: torch.Tensor) -> torch.Tensor:
+        """v_ab = (sum_m p(a, b, m) W_V^m) x_ab for every pixel: (B, C_in, H, W) -> (B, C_out, H, W)."""
         batch, _, height, width = x.shape
-        mixtures = self.nu.shape[0]
-        values = self.value(x).reshape(batch, mixtures, -1, height, width)
+        values = self.value(x).reshape(batch, self.nu.shape[0], -1, height, width)  # (B, m, C_out, H, W)
         p = self.mixture_weights(height, width).to(values.dtype)
-        v = (values * p[None, :, None]).sum(1)
-        return self.pool(self.attend(self.query(x), self.key(x), v))
+        return (values * p[None, :, None]).sum(1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The op inside every pool x pool block (each block an image of its own); (B, C, H, W) in and out."""
+        batch, _, height, width = q.shape
+        blocks = [_to_blocks(t, self.pool_size) for t in (q, k, v)]
+        return _from_blocks(super().attend(*blocks), batch, height, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x: expected rank 4 (B, C, H, W), got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if height % self.pool_size or width % self.pool_size:
+            raise ValueError(f"x: height and width must be multiples of pool={self.pool_size} (each attention block "
+                             f"is a max-pool window), got {height}x{width}")
+        return self.pool(self.attend(self.query(x), self.key(x), self.spatially_aware_values(x)))

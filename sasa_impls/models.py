@@ -1,14 +1,13 @@
-"""ResNet-26/38/50 with bottleneck blocks, in the paper's three variants (DESIGN.md "Layers and models").
+"""ResNet-26/38/50 with bottleneck blocks, in the paper's three variants (docs/design.md "Layers and models").
 
 - ``conv``: the standard ResNet (7x7 stride-2 conv + 3x3 stride-2 max pool stem, 3x3 convs in the
   bottlenecks, stride on the 3x3 conv as in torchvision's ResNet v1.5).
 - ``conv_stem_attention``: every 3x3 bottleneck conv becomes SASA2d (k = 7, 8 heads); where the block
   downsamples, the attention runs at the input resolution and a 2x2 average pool follows it.
-- ``full_attention``: the stem too is attention: AttentionStem (3 -> 64 channels, the same k and heads,
-  4 spatially-aware value matrices) at full resolution, then its 4x4 max pool and batch norm, then ReLU:
-  224x224 -> 56x56, like the conv stem. The paper's stem attends inside each 4x4 block of the image
-  (16 keys per pixel); ours is the suite's sliding-window op with k x k windows (49 keys for k = 7), so
-  it costs more than the paper's stem (see bench/model_costs.py and ``sasa-bench models``).
+- ``full_attention``: the stem too is attention: AttentionStem (3 -> 64 channels, the same heads, 4
+  spatially-aware value matrices), in which every pixel attends to the 16 pixels of its 4x4 block, then
+  4x4 max pooling over those same blocks and batch norm, then ReLU: 224x224 -> 56x56, like the conv stem
+  (the paper's stem, sec. 3.2; its 4x4 window replaces k, see sasa_impls.layers.AttentionStem).
 
 Any registered implementation can back the attention layers (``impl``; :func:`set_impl` switches it on a
 built model, keeping its weights). Weights use PyTorch's default initialisation.
@@ -16,7 +15,7 @@ built model, keeping its weights). Weights use PyTorch's default initialisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -49,8 +48,8 @@ def conv_stem(config: AttentionConfig) -> nn.Module:
 
 
 def attention_stem(config: AttentionConfig) -> nn.Module:
-    """AttentionStem (attention, 4x4 max pool, BN) then ReLU: 224 -> 56."""
-    stem = AttentionStem(3, STEM_CHANNELS, config.kernel_size, config.heads, impl=config.impl)
+    """AttentionStem (attention inside each 4x4 block, 4x4 max pool, BN) then ReLU: 224 -> 56."""
+    stem = AttentionStem(3, STEM_CHANNELS, heads=config.heads, impl=config.impl)
     return nn.Sequential(stem, nn.ReLU(inplace=True))
 
 
@@ -124,8 +123,9 @@ class ResNet(nn.Module):
 def resnet(depth: int, variant: str, impl: str = "auto", num_classes: int = 1000, kernel_size: int = 7, heads: int = 8) -> ResNet:
     """ResNet-``depth`` (26, 38 or 50) in ``variant`` (see VARIANTS); ``impl`` backs its attention layers.
 
-    ``kernel_size`` and ``heads`` apply to every attention layer (the stem included); the conv variant
-    has none and ignores them and ``impl``.
+    ``kernel_size`` applies to the bottleneck attention layers (the stem attends within its 4x4 pooling
+    blocks whatever k), ``heads`` to every attention layer; the conv variant has none and ignores them
+    and ``impl``.
     """
     if depth not in BLOCKS:
         raise ValueError(f"depth: expected one of {tuple(BLOCKS)}, got {depth!r}")
@@ -138,11 +138,12 @@ def resnet(depth: int, variant: str, impl: str = "auto", num_classes: int = 1000
     return ResNet(depth, variant, num_classes, AttentionConfig(kernel_size, heads, impl))
 
 
-def set_impl(model: nn.Module, impl: str) -> nn.Module:
-    """Back every attention layer of ``model`` with ``impl`` (weights unchanged); returns ``model``."""
+def set_impl(model: nn.Module, impl: str, options: Optional[Mapping[str, Any] | str] = None) -> nn.Module:
+    """Back every attention layer of ``model`` with ``impl`` and its ``options`` (weights unchanged);
+    returns ``model``."""
     if impl != "auto":
-        get_impl(impl)
+        get_impl(impl).parse_options(options)
     for module in model.modules():
         if isinstance(module, SASA2d):
-            module.impl = impl
+            module.impl, module.options = impl, options
     return model

@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from bench.measure import time_fn
-from sasa_impls.impls.flex import BLOCK, TOKEN_ORDERS, block_pairs, flex_local_attention, resolve_order, sequence_length
+from bench import measure, pipeline
+from sasa_impls.impls.flex import BLOCK, TOKEN_ORDERS, block_pairs, resolve_order, sequence_length
 
 SIZES = (14, 28, 56, 112, 224)
 KERNELS = (3, 7, 11, 19)
@@ -46,14 +46,12 @@ def print_block_work() -> None:
 def print_timings() -> None:
     print("\nCPU compiled forward, median ms (IQR), threads =", torch.get_num_threads())
     for batch, heads, size, head_dim, kernel_size in TIMED:
-        q, k, v = (torch.randn(batch, heads, size, size, head_dim) for _ in range(3))
-        rel_row = torch.randn(heads, kernel_size, head_dim // 2)
-        rel_col = torch.randn(heads, kernel_size, head_dim - head_dim // 2)
         cells = []
-        with torch.no_grad():
-            for order in TOKEN_ORDERS:
-                timing = time_fn(lambda: flex_local_attention(q, k, v, rel_row, rel_col, kernel_size, 1.0, order), warmup=2, reps=10)
-                cells.append(f"{order} {timing.median_ms:8.2f} ({timing.iqr_ms:.2f})")
+        for order in TOKEN_ORDERS:  # the suite's pipeline: the op on random inputs, the order as flex's option
+            subject = pipeline.op_subject("flex", (batch, heads, size, size, head_dim), kernel_size, "float32", "cpu",
+                                          "fwd", options=f"order={order}")
+            timing = measure.time_call(pipeline.step(subject), "cpu", measure.TimerSettings(reps=10))
+            cells.append(f"{order} {timing.median_ms:8.2f} ({timing.iqr_ms:.2f})")
         print(f"B{batch} heads{heads} {size}x{size} D{head_dim} k{kernel_size}: " + "   ".join(cells))
 
 

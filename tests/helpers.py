@@ -1,7 +1,19 @@
 """Input factories shared by the tests: fresh random tensors every call, never zeros."""
 from __future__ import annotations
 
+import contextlib
+import re
+from pathlib import Path
+from typing import Iterator
+
 import torch
+
+from bench.runner import Settings
+from sasa_impls import registry
+
+REPO = Path(__file__).resolve().parent.parent
+# Settings for tests that check what the runner records, not how fast anything is: a short, loose timer.
+FAST = Settings(warmup=1, reps=2, min_time_s=0.0, max_time_s=0.2, confidence=0.5, threads=1, timeout_s=120)
 
 from sasa_impls.functional import rel_shapes
 
@@ -22,3 +34,48 @@ def grads(output: torch.Tensor, inputs, cotangent: torch.Tensor) -> list:
     """Gradients of <output, cotangent> w.r.t. every tensor of ``inputs`` that is not None."""
     leaves = [t for t in inputs if t is not None]
     return list(torch.autograd.grad(output, leaves, cotangent))
+
+
+def one_space(text: str) -> str:
+    """``text`` with runs of spaces folded to one: Markdown tables (pandas) pad their cells to align them."""
+    return re.sub(r" {2,}", " ", text)
+
+
+@contextlib.contextmanager
+def planted(folder: Path, name: str, source: str) -> Iterator[str]:
+    """A plugin file of test-only implementations (for SASA_BENCH_PLUGINS): yields its path; whatever it
+    registered in this process leaves the registry again afterwards."""
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    registered = dict(registry._REGISTRY)
+    try:
+        yield str(path)
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(registered)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bench.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -69,7 +69,7 @@ def test_low_precision_within_tolerance(impl, dtype):
 
 
 def brute_force(q, k, v, rel_row, rel_col, kernel_size, scale):
-    """The equation of DESIGN.md, pixel by pixel, with Python loops over the window."""
+    """The equation of docs/design.md, pixel by pixel, with Python loops over the window."""
     batch, heads, height, width, head_dim = q.shape
     r, rows = kernel_size // 2, head_dim // 2
     out = torch.empty_like(q)

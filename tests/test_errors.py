@@ -1,6 +1,8 @@
 """Bad input gets a ValueError/TypeError that names the argument."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -106,7 +108,54 @@ def test_layer_arguments(kwargs, match):
         sasa_impls.SASA2d(**kwargs)
 
 
-def test_layer_unknown_impl_fails_at_forward_with_the_list():
-    layer = sasa_impls.SASA2d(8, 8, 3, heads=2, impl="nope")
-    with pytest.raises(ValueError, match="known:"):
-        layer(torch.randn(1, 8, 4, 4))
+def test_layer_rejects_an_unknown_impl_at_construction():
+    with pytest.raises(ValueError, match=r"^impl: unknown implementation 'nope'; known: .*unfold"):
+        sasa_impls.SASA2d(8, 8, 3, heads=2, impl="nope")
+
+
+@pytest.mark.parametrize("impl, options, match", [
+    ("memory_blocks", {"blok": 4}, r"^options: 'memory_blocks' takes block \(.*\); got 'blok'"),
+    ("memory_blocks", {"block": 0}, r"^options: block=0 for 'memory_blocks': expected an int >= 1"),
+    ("memory_blocks", "block", r"^options: expected KEY=VALUE, got 'block'"),
+    ("unfold", {"block": 4}, r"^options: 'unfold' takes no options; got 'block'"),
+    ("auto", {"block": 4}, r"^options: implementation options need an explicit impl"),
+])
+def test_bad_options_name_the_argument(inputs, impl, options, match):
+    with pytest.raises(ValueError, match=match):
+        call(*inputs, impl=impl, options=options)
+    with pytest.raises(ValueError, match=match):
+        sasa_impls.SASA2d(8, 8, 3, heads=2, impl=impl, options=options)
+
+
+def test_options_reach_the_implementation(monkeypatch):
+    """memory_blocks' block edge changes how it computes (not what): the option really is passed on."""
+    from sasa_impls.impls import memory_blocks
+
+    seen = []
+    original = memory_blocks.memory_blocks_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("block"))
+        return original(*args, **kwargs)
+
+    chosen = sasa_impls.get_impl("memory_blocks")
+    monkeypatch.setitem(registry._REGISTRY, "memory_blocks", dataclasses.replace(chosen, forward=spy))
+    q, k, v, rel_row, rel_col = random_inputs(1, 2, 7, 6, 4, 3, True, dtype=torch.float64)
+    expected = sasa_impls.local_attention(q, k, v, rel_row, rel_col, 3, impl="reference")
+    got = sasa_impls.local_attention(q, k, v, rel_row, rel_col, 3, impl="memory_blocks", options="block=3")
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2, impl="memory_blocks", options={"block": 2})
+    layer(torch.randn(1, 8, 5, 5))
+    assert seen == [3, 2]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_respects_training(monkeypatch):
+    """impl='auto' picks an implementation that supports the input, gradients included."""
+    spec = registry.AttentionSpec(torch.device("cpu"), torch.float32, 1, 2, 5, 5, 4, 3, True, True)
+    chosen = registry.resolve_auto(spec)
+    assert chosen.supports(spec) == (True, "")
+    never_trains = registry.Impl(name="no_backward", forward=lambda *a: None, description="test", auto_priority={"cpu": -1},
+                                 limits=lambda s: (not s.requires_grad, "no backward"))
+    monkeypatch.setitem(registry._REGISTRY, "no_backward", never_trains)
+    assert registry.resolve_auto(spec) is chosen
+    assert registry.resolve_auto(dataclasses.replace(spec, requires_grad=False)) is never_trains

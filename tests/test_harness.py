@@ -1,7 +1,9 @@
 """The measurement harness: rows of a tiny sweep, failures isolated per case, the gate, resume, counters."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
 import textwrap
 import time
@@ -10,21 +12,18 @@ import pytest
 import torch
 
 from bench import flops, measure
-from bench.cases import PRESETS, Case, analytic_costs, grid, preset
+from bench.cases import PRESETS, analytic_costs, grid, preset
 from bench.env import environment, machine_id
 from bench.fvcore_count import analyse, count_flops
-from bench.runner import Settings, results_path, run_cases
-from bench.worker import GATE_TOLERANCE, PLUGINS_ENV, gate, load_plugins
+from bench.pipeline import TOLERANCE, gate
+from bench.plugins import PLUGINS_ENV, load_plugins
+from bench.runner import results_path, run_cases
+from bench.schema import FIELDS, Case
 
 import sasa_impls
-from sasa_impls import registry
 
-FAST = Settings(warmup=1, reps=3, min_time_s=0.0, threads=1, timeout_s=120)
-REQUIRED = (
-    "impl k channels heads res batch dtype device direction status error latency_ms latency_iqr_ms reps "
-    "peak_mem_bytes macs_analytic macs_components flops_fvcore fvcore_uncounted params borders machine run_id "
-    "suite commit dirty torch triton natten cpu threads gpu gpu_driver gpu_clocks gpu_power_w gpu_temp_c timestamp"
-).split()
+from helpers import FAST, planted
+
 
 # Test-only implementations, registered in the test process and in every worker through SASA_BENCH_PLUGINS.
 # The gate's input is 9 x 11, so "slow" and "crash" pass the gate and misbehave only on the case itself.
@@ -55,7 +54,14 @@ PLUGIN = textwrap.dedent('''
             q.register_hook(lambda grad: grad * float("nan"))  # right forward, NaN gradient for q only
         return reference_attention(q, k, v, rel_row, rel_col, kernel_size, scale)
 
-    for name, fn in (("t_wrong", wrong), ("t_broken", broken), ("t_slow", slow), ("t_crash", crash), ("t_nan", nan_grad)):
+    def chatty(q, k, v, rel_row, rel_col, kernel_size, scale):
+        import sys, warnings
+        warnings.warn("planted warning")
+        print("planted print", file=sys.stderr)
+        return reference_attention(q, k, v, rel_row, rel_col, kernel_size, scale)
+
+    for name, fn in (("t_wrong", wrong), ("t_broken", broken), ("t_slow", slow), ("t_crash", crash), ("t_nan", nan_grad),
+                     ("t_chatty", chatty)):
         register(Impl(name=name, forward=fn, description="test-only"))
 ''')
 
@@ -63,12 +69,8 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
     """The planted implementations' module; they leave the registry again after this file's tests."""
-    path = tmp_path_factory.mktemp("plugin") / "planted_impls.py"
-    path.write_text(PLUGIN)
-    registered = dict(registry._REGISTRY)
-    yield str(path)
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(registered)
+    with planted(tmp_path_factory.mktemp("plugin"), "planted_impls", PLUGIN) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +88,12 @@ def test_tiny_sweep_writes_one_sane_row_per_case(tiny_sweep):
     assert [r["run_id"] for r in on_disk] == [r["run_id"] for r in rows] and len(rows) == len(cases)
     env = environment()
     for case, row in zip(cases, on_disk):
-        assert set(REQUIRED) <= set(row)
+        assert set(row) == set(FIELDS)  # the schema is the one list of row fields
         assert Case(**{k: row[k] for k in Case.__dataclass_fields__}) == case
         assert row["status"] == "ok" and row["error"] is None
-        assert row["latency_ms"] > 0 and row["latency_iqr_ms"] >= 0 and row["reps"] >= FAST.reps
+        assert row["latency_ms"] > 0 and row["latency_iqr_ms"] >= 0 and row["reps"] >= 1
+        assert isinstance(row["latency_confident"], bool) and "adaptive_autorange" in row["timer"]
+        assert row["gflops"] == pytest.approx(2 * row["macs_analytic"] * (1 if case.direction == "fwd" else 3) / row["latency_ms"] / 1e6)
         assert row["threads"] == 1 and row["machine"] == machine_id() and row["commit"] == env["commit"]
         assert row["macs_analytic"] == analytic_costs(case)["macs_analytic"]
         pixels = 24 * 24
@@ -98,7 +102,7 @@ def test_tiny_sweep_writes_one_sane_row_per_case(tiny_sweep):
             assert row["macs_analytic"] == row["flops_fvcore"] == 25 * 32 * 32 * pixels
         else:
             assert row["params"] == flops.attention_params(32, 32, 5)
-            assert row["gate_max_error"] < GATE_TOLERANCE["float32"]
+            assert row["gate_max_error"] < TOLERANCE["float32"]
             assert row["borders"] == "masked" and "aten::softmax" in row["fvcore_uncounted"]
             # fvcore with the mul handle sees the same work as the analytic count (+ the scale multiply)
             assert row["macs_analytic"] <= row["flops_fvcore"] < 1.05 * row["macs_analytic"]
@@ -115,7 +119,7 @@ def failure_sweep(tmp_path_factory, plugin):
     out = tmp_path_factory.mktemp("failures")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(PLUGINS_ENV, plugin)
-        settings = Settings(warmup=1, reps=2, min_time_s=0.0, threads=1, timeout_s=10, memory_limit_bytes=32 * 2**20)
+        settings = dataclasses.replace(FAST, reps=2, timeout_s=10, memory_limit_bytes=32 * 2**20)
         shape = dict(heads=4, batch=1, dtype="float32", device="cpu", direction="fwd")
         cases = [Case("t_broken", 3, 16, res=12, **shape), Case("t_wrong", 3, 16, res=12, **shape),
                  Case("unfold", 7, 64, res=64, **shape),  # ~50 MiB per k x k neighbourhood product: over the cap
@@ -134,8 +138,8 @@ def test_raising_impl_is_an_error_row(failure_sweep):
 def test_wrong_impl_is_gated_and_not_timed(failure_sweep):
     row = failure_sweep[0]["t_wrong3"]
     assert row["status"] == "incorrect" and row["latency_ms"] is None
-    assert row["gate_max_error"] > row["gate_tolerance"] == GATE_TOLERANCE["float32"]
-    assert "output differs from the reference" in row["error"]
+    assert row["gate_max_error"] > row["gate_tolerance"] == TOLERANCE["float32"]
+    assert row["error"].startswith("output at 2x2x9x11x8 k=5 differs from the reference")
 
 
 def test_gate_checks_gradients_and_fails_nan(plugin):
@@ -143,7 +147,7 @@ def test_gate_checks_gradients_and_fails_nan(plugin):
     assert gate("t_nan", "cpu", "float32", "fwd")["status"] == "ok"
     failed = gate("t_nan", "cpu", "float32", "fwd+bwd")
     assert failed["status"] == "incorrect" and failed["error"].startswith("grad_q ")
-    assert gate("unfold", "cpu", "float64", "fwd+bwd")["gate_max_error"] < GATE_TOLERANCE["float64"]
+    assert gate("unfold", "cpu", "float64", "fwd+bwd")["gate_max_error"] < TOLERANCE["float64"]
 
 
 def test_case_over_the_memory_cap_is_oom(failure_sweep):
@@ -176,11 +180,22 @@ def test_resume_skips_finished_cases_and_retries_errors(tmp_path, plugin, monkey
     assert len(results_path(tmp_path, "adhoc").read_text().splitlines()) == 5
 
 
-def test_time_fn_measures_what_the_call_takes():
-    timing = measure.time_fn(lambda: time.sleep(0.005), "cpu", warmup=1, reps=4, min_time_s=0.0)
-    assert timing.reps == 4 and timing.median_ms >= 5.0 and timing.iqr_ms >= 0
-    longer = measure.time_fn(lambda: time.sleep(0.001), "cpu", warmup=0, reps=1, min_time_s=0.05)
-    assert longer.reps >= 10  # repeated until the minimum time budget
+def test_timer_measures_what_the_call_takes():
+    settings = measure.TimerSettings(warmup=1, reps=4, min_time_s=0.0, max_time_s=1.0, confidence=0.5)
+    timing = measure.time_call(lambda: time.sleep(0.005), "cpu", settings)
+    assert timing.reps >= 4 and 5.0 <= timing.median_ms < 50 and timing.iqr_ms >= 0 and timing.confident
+    longer = measure.time_call(lambda: time.sleep(0.001), "cpu", measure.TimerSettings(warmup=1, reps=1, min_time_s=0.1))
+    assert longer.reps >= 50  # timed until the minimum time
+
+
+def test_noisy_calls_get_more_repetitions_and_are_flagged():
+    """adaptive_autorange keeps measuring while the spread is large, up to the time budget, then says so."""
+    draw = random.Random(0).uniform
+    settings = measure.TimerSettings(warmup=1, reps=1, min_time_s=0.0, max_time_s=0.6, confidence=0.01)
+    noisy = measure.time_call(lambda: time.sleep(draw(0.001, 0.010)), "cpu", settings)
+    steady = measure.time_call(lambda: time.sleep(0.002), "cpu", dataclasses.replace(settings, confidence=0.5))
+    assert not noisy.confident and steady.confident
+    assert noisy.reps > steady.reps
 
 
 def test_peak_memory_sees_a_temporary_allocation():

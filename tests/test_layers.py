@@ -66,7 +66,7 @@ def test_layer_applies_the_op_to_its_projections():
 
 MODULES = {
     "sasa2d": (lambda: sasa_impls.SASA2d(8, 16, 5, heads=4, impl="reference"), (2, 8, 7, 9)),
-    "attention_stem": (lambda: sasa_impls.AttentionStem(3, 8, kernel_size=3, heads=2, impl="reference"), (1, 3, 8, 8)),
+    "attention_stem": (lambda: sasa_impls.AttentionStem(3, 8, heads=2, impl="reference"), (1, 3, 8, 12)),
 }
 
 
@@ -83,15 +83,16 @@ def test_every_impl_gives_the_same_module_output(module):
 
 
 def test_auto_picks_an_available_full_contract_impl():
-    chosen = sasa_impls.registry.resolve_auto("cpu", torch.float32)
-    assert chosen.borders == "masked" and chosen.supports_rel
+    spec = sasa_impls.registry.AttentionSpec(torch.device("cpu"), torch.float32, 1, 2, 5, 5, 4, 3, True, True)
+    chosen = sasa_impls.registry.resolve_auto(spec)
+    assert chosen.borders == "masked" and chosen.supports_rel and chosen.supports(spec) == (True, "")
     assert chosen.available("cpu", torch.float32)[0]
     layer = sasa_impls.SASA2d(8, 8, 3, heads=2)  # impl="auto"
     assert layer(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5)
 
 
 def test_attention_stem_shapes_and_spatially_aware_values():
-    stem = sasa_impls.AttentionStem(3, 16, kernel_size=5, heads=2, value_mixtures=4, pool=4).double()
+    stem = sasa_impls.AttentionStem(3, 16, heads=2, value_mixtures=4, pool=4).double()
     x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
     assert stem(x).shape == (2, 16, 4, 3)
     p = stem.mixture_weights(8, 8)

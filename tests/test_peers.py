@@ -14,6 +14,7 @@ from torch.nn.attention.flex_attention import create_mask
 import sasa_impls
 from sasa_impls.impls import flex
 from sasa_impls.impls.reference import reference_attention
+from sasa_impls.registry import AttentionSpec
 
 from helpers import grads, random_inputs
 
@@ -143,8 +144,12 @@ def test_flex_availability_and_cpu_backward_refusal():
     ok, reason = impl.available("cpu", torch.float64)
     assert not ok and "float64" in reason
     inputs = random_inputs(1, 1, 4, 4, 8, 3, True, dtype=torch.float32, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="no backward on CPU"):
+    spec = AttentionSpec.of(inputs[0], inputs, 3, relative=True)
+    assert spec.requires_grad and not impl.supports(spec)[0] and "no backward on CPU" in impl.supports(spec)[1]
+    with pytest.raises(ValueError, match=r"^impl: 'flex' cannot compute gradients on cpu: .*no backward on CPU"):
         sasa_impls.local_attention(*inputs, 3, impl="flex")
+    with torch.no_grad():  # the same inputs need no gradients here
+        assert impl.supports(AttentionSpec.of(inputs[0], inputs, 3, relative=True)) == (True, "")
 
 
 @pytest.fixture
@@ -180,7 +185,7 @@ def test_natten_declares_what_it_cannot_do(natten_impl):
             sasa_impls.local_attention(q, k, v, None, None, 7, impl="natten")
         with pytest.raises(ValueError, match="relative"):
             sasa_impls.local_attention(q, k, v, rel_row, rel_col, 7, impl="natten")
-        with pytest.raises(ValueError, match="q: .*head_dim"):
+        with pytest.raises(ValueError, match=r"^impl: 'natten' cannot run head_dim 4 on cpu"):
             sasa_impls.local_attention(q[..., :4], k[..., :4], v[..., :4], None, None, 3, impl="natten")
-    with pytest.raises(NotImplementedError, match="no backward on CPU"):
+    with pytest.raises(ValueError, match=r"^impl: 'natten' cannot compute gradients on cpu: .*no backward on CPU"):
         sasa_impls.local_attention(q.requires_grad_(), k, v, None, None, 3, impl="natten")

@@ -8,15 +8,19 @@ import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from bench.cli import main
+from bench.fvcore_count import trace_failure
 from bench.report import claim as claim_module
 from bench.report.figures import roofline, sweep_figures
-from bench.report.load import load
-from bench.report.plots import render
-from bench.report.tables import TABLES, group_table
+from bench.report.load import load, rows_frame
+from bench.report.plots import Line, LinePlot, Point, render
+from bench.report.tables import NOISY_MARK, TABLES, group_table
 from bench.store import append_row, read_rows
+
+from helpers import one_space
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 D = 128
@@ -52,9 +56,9 @@ def test_gflops_and_peak_fraction_follow_the_convention(frame):
 
 def test_tables_show_status_words_and_speedups(frame):
     cpu = group(frame, "ci-cpu")
-    latency = group_table(cpu, TABLES["latency"])
+    latency = one_space(group_table(cpu, TABLES["latency"]))
     assert "**timeout**" in latency and "**incorrect**" in latency and "unfold (ms)" in latency
-    speedup = group_table(cpu, TABLES["speedup"])
+    speedup = one_space(group_table(cpu, TABLES["speedup"]))
     rows = cpu.set_index(["impl", "k", "channels", "res"])
     expected = rows.loc[("unfold", 19, 64, 32), "latency_ms"] / rows.loc[("memory_blocks", 19, 64, 32), "latency_ms"]
     line = next(l for l in speedup.splitlines() if l.startswith("| 19 | 64 |"))
@@ -81,16 +85,120 @@ def test_figures_have_axes_units_and_failed_points(frame):
     assert roof.peak_flops == 989e12 and "triton" in roof.points
 
 
+def drawn(spec: LinePlot):
+    """The rendered figure (drawn, so tick labels exist) and its axes."""
+    fig = render(spec)
+    fig.canvas.draw()
+    return fig, fig.axes[0]
+
+
+def display_y(line) -> np.ndarray:
+    """Display y of every point of a matplotlib line, whatever coordinates it was drawn in."""
+    xy = np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float)
+    return line.get_transform().transform(xy)[:, 1]
+
+
+def assert_failures_above_every_curve(spec: LinePlot) -> None:
+    fig, ax = drawn(spec)
+    labels = {line.label for line in spec.lines}
+    curves = [l for l in ax.lines if l.get_label() in labels and len(l.get_xdata())]
+    top = max([display_y(c).max() for c in curves] + [ax.transData.transform((0, v))[1] for _, v in spec.references])
+    markers = [l for l in ax.lines if l.get_marker() == "x"]
+    failed = [p for line in spec.lines for p in line.points if p.y is None]
+    assert len(markers) == len(failed) > 0
+    for marker in markers:
+        assert top < display_y(marker).min() and display_y(marker).max() <= ax.bbox.y1, (top, display_y(marker))
+    assert {p.status for p in failed} <= {t.get_text() for t in ax.texts}
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("log_y", [True, False])
+def test_failed_cases_sit_above_every_curve(log_y):
+    rng = np.random.default_rng()
+    xs = [3.0, 7.0, 11.0, 15.0, 19.0]
+    lines = []
+    for index, failing in enumerate(([], [19.0], [11.0, 19.0], [3.0])):
+        values = np.sort(rng.uniform(1, 1000, len(xs)))
+        points = [Point(x, None, "oom") if x in failing else Point(x, float(v)) for x, v in zip(xs, values)]
+        lines.append(Line(f"impl{index}", points))
+    assert_failures_above_every_curve(LinePlot("f", "t", "k", "latency (ms)", lines, log_y=log_y,
+                                               references=[("conv", float(rng.uniform(1, 1000)))]))
+
+
+def test_fixture_plots_put_failures_above_the_curves(frame):
+    specs = sweep_figures(group(frame, "ci-cpu"), "cpu", "ci-cpu")
+    with_failures = [s for s in specs if any(p.y is None for line in s.lines for p in line.points)]
+    assert {s.name.split("_vs_")[0] for s in with_failures} >= {"ci-cpu_latency", "ci-cpu_memory"}
+    for spec in with_failures:
+        assert_failures_above_every_curve(spec)
+
+
+def test_coinciding_curves_stay_distinguishable(frame):
+    rng = np.random.default_rng()
+    values = rng.uniform(1, 100, 5)
+    names = ["unfold", "im2col_einsum", "memory_blocks", "natten"]
+    points = [Point(float(x), float(v)) for x, v in zip(range(5), values)]
+    spec = LinePlot("s", "t", "k", "peak memory (MiB)", [Line(name, points) for name in names])
+    fig, ax = drawn(spec)
+    curves = [l for l in ax.lines if l.get_label() in names]
+    assert len({c.get_marker() for c in curves}) == len({c.get_linestyle() for c in curves}) == len(names)
+    assert all(c.get_markerfacecolor() == "none" for c in curves)  # hollow: a marker under another stays visible
+    plt.close(fig)
+    memory = next(s for s in sweep_figures(group(frame, "ci-cpu"), "cpu", "ci-cpu") if "memory_vs_k_channels64" in s.name)
+    fig, ax = drawn(memory)
+    styles = {l.get_label(): (l.get_marker(), l.get_linestyle())
+              for l in ax.lines if l.get_label() in ("unfold", "im2col_einsum")}
+    assert len(set(styles.values())) == 2 and all(a != b for a, b in zip(*styles.values()))
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("low, high, log_x", [(20.0, 90.0, False), (3.0, 700.0, True), (0.02, 5000.0, True)])
+def test_log_axis_ticks_read_as_plain_numbers(low, high, log_x):
+    rng = np.random.default_rng()
+    ys = np.concatenate([[low, high], rng.uniform(low, high, 14)])
+    xs = [2.0**i for i in range(16)] if log_x else [float(i) for i in range(16)]
+    spec = LinePlot("t", "t", "x", "y", [Line("a", [Point(x, float(y)) for x, y in zip(xs, ys)])], log_x=log_x, log_y=True)
+    fig, ax = drawn(spec)
+    log_axes = (ax.xaxis, ax.yaxis) if log_x else (ax.yaxis,)
+    texts = [t.get_text() for axis in log_axes for minor in (False, True) for t in axis.get_ticklabels(minor=minor)]
+    shown = [t for t in texts if t]
+    assert not [t for t in texts if "\\times" in t or "^" in t or "$" in t]
+    assert len([t for t in ax.yaxis.get_ticklabels(minor=True) + ax.yaxis.get_ticklabels() if t.get_text()]) >= 2
+    assert all(float(t.replace(",", "")) > 0 for t in shown)
+    plt.close(fig)
+
+
+def test_noisy_latencies_are_marked_and_counted(frame):
+    rows = list(read_rows([FIXTURES / "ci-cpu"]))
+    case = ("memory_blocks", 7, 16, 64)
+    for row in rows:
+        if (row["impl"], row["k"], row["res"], row["channels"]) == case:
+            row["latency_iqr_ms"] = 0.25 * row["latency_ms"]
+    table = one_space(group_table(group(rows_frame(rows), "ci-cpu"), TABLES["latency"]))
+    timed = [r for r in group(rows_frame(rows), "ci-cpu").to_dict("records") if r["status"] == "ok"]
+    noisy = [r for r in timed if r["latency_iqr_ms"] > 0.1 * r["latency_ms"]]
+    cells = [c for line in table.splitlines() if line.startswith("|") for c in line.split("|")]
+    assert len(noisy) >= 1 and sum(c.strip().endswith(NOISY_MARK) for c in cells) == len(noisy)
+    line = next(l for l in table.splitlines() if l.startswith("| 7 | 64 | 8 | 16 |"))
+    headers = next(l for l in table.splitlines() if l.startswith("| k |")).split("|")
+    assert line.split("|")[headers.index(" memory_blocks (ms) ")].strip().endswith(NOISY_MARK)
+    assert f"{len(noisy)} of {len(timed)} latencies are noisy" in table
+    quiet = one_space(group_table(group(frame, "ci-cpu"), TABLES["latency"]))
+    assert not [line for line in quiet.splitlines() if line.startswith("|") and NOISY_MARK in line]
+    assert "0 of " in quiet.splitlines()[-1]
+
+
 def test_report_writes_index_tables_and_plots(tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(FIXTURES, results)
     (results / "ci-cpu" / "models.json").write_text(json.dumps([{"model": "resnet26-attn", "params": 10.3e6, "gflops": 4.7}]))
     out = tmp_path / "reports"
     assert main(["report", "--results", str(results), "--out", str(out)]) == 0
-    readme = (out / "README.md").read_text()
+    readme = one_space((out / "README.md").read_text())
     for text in ("## Machines", "| ci-cpu | cpu |", "NVIDIA H100 80GB HBM3", "a715cfd8ad", "2026-11-24",
                  "## h100-sxm: NVIDIA H100 80GB HBM3, bfloat16, fwd+bwd", "**Peak memory** (MiB)",
-                 "Fraction of the GPU's peak FLOP/s", "**oom**", "## Models: ci-cpu", "resnet26-attn"):
+                 "Fraction of the GPU's peak FLOP/s", "**oom**", "## Models: ci-cpu", "resnet26-attn",
+                 "latencies are noisy (IQR above 10% of the median)"):
         assert text in readme, text
     images = re.findall(r"\]\(([^)]+\.png)\)", readme)
     assert any("roofline" in i for i in images) and any("latency_vs_res" in i for i in images)
@@ -163,13 +271,64 @@ def test_claim_runs_the_claim_preset_when_nothing_was_measured(tmp_path, capsys,
     assert sorted(m["impl"] for m in numbers["measured"]) == ["im2col_einsum", "memory_blocks", "unfold"]
 
 
-def test_fvcore_counts_beside_the_analytic_ones():
-    entries = {e["impl"]: e for e in claim_module.fvcore_counts(res=19)}
+@pytest.fixture(scope="module")
+def fvcore_entries() -> dict[str, dict]:
+    pytest.importorskip("fvcore")
+    return {e["impl"]: e for e in claim_module.fvcore_counts(res=19)}
+
+
+def test_fvcore_counts_beside_the_analytic_ones(fvcore_entries):
+    entries = fvcore_entries
     assert entries["conv"]["fvcore_per_pixel"] == 9 * D * D == entries["conv"]["analytic_per_pixel"]
     unfold = entries["unfold"]
     assert unfold["status"] == "ok" and unfold["accounting"] == "rel_per_key" and unfold["analytic_per_pixel"] == 187776
     # fvcore sees the q.k, a.v and per-key relative products (handles for mul) but not the softmax
     assert unfold["fvcore_per_pixel"] >= 0.9 * unfold["analytic_per_pixel"] and "aten::softmax" in unfold["uncounted"]
+
+
+EXCEPTION_TEXT = re.compile(r"\b[A-Z]\w*(Error|Exception|Warning)\b|Error:|Traceback")
+
+
+def test_claim_cells_hold_counts_or_reasons_in_words(frame, fvcore_entries, monkeypatch):
+    monkeypatch.setattr(claim_module, "fvcore_counts", lambda: list(fvcore_entries.values()))
+    text = claim_module.claim_markdown(claim_module.claim_data(frame), [])
+    cells = [c.strip() for line in text.splitlines() if line.startswith("|") for c in line.strip("|").split("|")]
+    assert not [c for c in cells if EXCEPTION_TEXT.search(c)] and not EXCEPTION_TEXT.search(text)
+    for name, entry in fvcore_entries.items():
+        assert entry["status"] == "ok" or entry["reason"].startswith(("not countable: ", "not available on cpu: ")), name
+    import sasa_impls
+    import torch
+    if sasa_impls.get_impl("natten").available("cpu", torch.float32)[0]:
+        natten = fvcore_entries["natten"]  # built as the content-only layer it is, so what remains is fvcore's limit
+        assert natten["accounting"] == "content_only" and natten["analytic_per_pixel"] == 141568
+        assert (natten["status"] == "ok" and natten["fvcore_per_pixel"] > 0) or "cannot follow NATTEN" in natten["reason"]
+        row = next(l for l in one_space(text).splitlines() if l.startswith("| natten"))
+        assert "141,568" in row and "relative-position" not in row
+    if fvcore_entries["flex"]["status"] != "not available":
+        assert "cannot follow FlexAttention" in fvcore_entries["flex"]["reason"]
+
+
+def raised_in(path: str) -> Exception:
+    """An exception whose traceback ends in a function defined in the file ``path``."""
+    namespace: dict = {}
+    exec(compile("def fail():\n    raise ValueError('impl: the raw message')\n", path, "exec"), namespace)
+    try:
+        namespace["fail"]()
+    except ValueError as error:
+        return error
+    raise AssertionError("fail() did not raise")
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/env/site-packages/natten/utils/checks.py", "cannot follow NATTEN"),
+    ("/env/site-packages/torch/_dynamo/eval_frame.py", "cannot follow compiled code (torch.compile)"),
+    ("/env/site-packages/torch/nn/attention/flex_attention.py", "cannot follow FlexAttention"),
+    ("/somewhere/else.py", "could not trace this module"),
+])
+def test_trace_failures_are_told_in_words(path, words):
+    reason = trace_failure(raised_in(path))
+    assert reason.startswith("not countable: ") and words in reason
+    assert "raw message" not in reason and not EXCEPTION_TEXT.search(reason)
 
 
 # --- compare -----------------------------------------------------------------------------------------
@@ -206,7 +365,7 @@ def sides(tmp_path):
 def compare(capsys, *args) -> tuple[int, str]:
     code = main(["compare", *args])
     captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return code, one_space(captured.out + captured.err)
 
 
 def test_compare_flags_the_planted_slowdown_and_not_noise(sides, capsys):

@@ -1,9 +1,11 @@
 """SASA2d per implementation beside the k x k conv baseline: time, peak memory, CUDA time and memory, MACs.
 
-asv reads this file from the working tree but imports the package of the commit under test, so it relies
-only on what every commit has (SASA2d, get_impl, list_impls, reference_attention) and looks implementations
-up by name at run time: one that a commit lacks, or that cannot run here, is skipped (NotImplementedError
-in setup is asv's skip), never failed. Helpers that came later (bench.flops, bench.measure) skip the same way.
+asv reads this file from the working tree but imports the package of the commit under test. Every
+benchmark goes through the suite's measuring pipeline (bench.pipeline: build the case, gate it against the
+float64 reference, one step), so it measures what `sasa-bench run` measures. What a commit cannot run is
+skipped (NotImplementedError in setup is asv's skip), never failed: an implementation it lacks or that
+cannot run here (Impl.supports: triton on CPUs, flex and natten backward on CPUs), and commits from before
+the pipeline existed (their history stays in results/asv; run `sasa-bench` from those commits to extend it).
 """
 from __future__ import annotations
 
@@ -15,10 +17,8 @@ from typing import Callable
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import sasa_impls  # noqa: E402
-from sasa_impls.impls.reference import reference_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # One CPU thread: a history compares commits, and one thread is the setting least disturbed by whatever
@@ -27,71 +27,44 @@ torch.set_num_threads(1)
 HEADS = 4  # head dim 8 and 16: NATTEN runs head dims >= 8 only
 BATCH = 1
 # Every implementation the project has had, then any newer one; "reference" (the float64 oracle) is no contender.
-KNOWN = ["conv", "unfold", "im2col_einsum", "memory_blocks", "triton", "flex", "natten"]
+KNOWN = ["conv", "unfold", "im2col_einsum", "memory_blocks", "triton", "flex", "natten", "native"]
 IMPLS = KNOWN + sorted(set(sasa_impls.list_impls()) - set(KNOWN) - {"reference"})
 GRID = [IMPLS, [3, 7], [32, 64], [16, 32]]  # k, channels, res: a quick run is minutes on 2 cores
 GRID_NAMES = ["impl", "k", "channels", "res"]
 
-_checked: set[str] = set()
+_gated: set[tuple] = set()
 
 
-def check_against_reference(name: str) -> None:
-    """Correct before fast: the implementation's float32 output on DEVICE matches the float64 oracle under
-    its own border semantics, with the relative logits if it computes them (once per process; an
-    AssertionError fails the benchmark, which is what a wrong kernel deserves)."""
-    if name in _checked:
-        return
-    impl = sasa_impls.get_impl(name)
-    gen = torch.Generator().manual_seed(0)
-    heads, size, head_dim, k = 2, 9, 8, 5
-    q, key, v = (torch.randn(1, heads, size, size, head_dim, generator=gen, dtype=torch.float64) for _ in range(3))
-    rel = (None, None)
-    if impl.supports_rel:
-        rel = tuple(torch.randn(heads, k, part, generator=gen, dtype=torch.float64) for part in (head_dim // 2, head_dim - head_dim // 2))
-    inputs = (q, key, v, *rel)
-    expected = reference_attention(*inputs, k, borders=impl.borders)
-    got = sasa_impls.local_attention(*(t if t is None else t.to(DEVICE, torch.float32) for t in inputs), k, impl=name)
-    torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
-    _checked.add(name)
-
-
-def build_layer(impl: str, k: int, channels: int) -> nn.Module:
-    """SASA2d(channels, channels, k, HEADS, impl=impl) or, for "conv", the k x k convolution it replaces."""
-    if impl == "conv":
-        return nn.Conv2d(channels, channels, k, padding=k // 2, bias=False)
-    if impl not in sasa_impls.list_impls():
-        raise NotImplementedError(f"{impl}: not in this commit")
-    chosen = sasa_impls.get_impl(impl)
-    ok, reason = chosen.available(DEVICE, torch.float32)
-    if not ok:
-        raise NotImplementedError(f"{impl}: {reason}")
-    if chosen.supports_rel:
-        return sasa_impls.SASA2d(channels, channels, k, HEADS, impl=impl)
-    try:  # content-only peers (natten) measure the layer without relative embeddings
-        return sasa_impls.SASA2d(channels, channels, k, HEADS, impl=impl, relative=False)
-    except TypeError as exc:
-        raise NotImplementedError(f"{impl}: this commit's SASA2d has no relative=False") from exc
+def pipeline():
+    """bench.pipeline and bench.schema of the commit under test (skip commits from before them)."""
+    try:
+        from bench import measure, pipeline as core, schema
+        from bench.cases import attention_spec
+    except ImportError as exc:
+        raise NotImplementedError(f"bench.pipeline is not in this commit: {exc}") from exc
+    return core, schema, measure, attention_spec
 
 
 def layer_step(impl: str, k: int, channels: int, res: int, direction: str) -> Callable[[], None]:
-    """One call of the layer on a random (BATCH, channels, res, res) input (never zeros): "fwd" under
-    no_grad, or "fwd+bwd" (forward, then the gradients of input and weights for a random cotangent),
-    synchronised so that wall-clock timers see the GPU's work. The step runs once here: flex and triton
-    compile outside the timings, and a NotImplementedError (e.g. no backward on this device) skips
-    before the correctness check, which follows."""
-    layer = build_layer(impl, k, channels).to(DEVICE)
-    x = torch.randn(BATCH, channels, res, res, device=DEVICE, requires_grad=True)
-    cotangent = torch.randn_like(x)
-    leaves = [x, *layer.parameters()]
-
-    def fwd() -> None:
-        with torch.no_grad():
-            layer(x)
-
-    def fwd_bwd() -> None:
-        torch.autograd.grad(layer(x), leaves, cotangent)
-
-    run = fwd if direction == "fwd" else fwd_bwd
+    """One call of the layer (SASA2d, content-only for peers without relative logits, or the conv) on a
+    random input, synchronised so wall-clock timers see the GPU's work. Correct before fast: the
+    implementation passes the suite's gate first (an AssertionError fails the benchmark, which is what a
+    wrong kernel deserves). The step runs once here, so flex, triton and native compile outside the timings."""
+    core, schema, _, attention_spec = pipeline()
+    if impl != schema.CONV and impl not in sasa_impls.list_impls():
+        raise NotImplementedError(f"{impl}: not in this commit")
+    relative = impl != schema.CONV and sasa_impls.get_impl(impl).supports_rel
+    case = schema.Case(impl, k, channels, HEADS, res, BATCH, "float32", DEVICE.type, direction, relative=relative)
+    if impl != schema.CONV:
+        ok, why = sasa_impls.get_impl(impl).supports(attention_spec(case))
+        if not ok:
+            raise NotImplementedError(f"{impl} {why}")
+        key = (impl, direction)
+        if key not in _gated:
+            verdict = core.gate(impl, case.device, case.dtype, direction, relative)
+            assert verdict["status"] == "ok", verdict["error"]
+            _gated.add(key)
+    run = core.step(core.build(case))
 
     def step() -> None:
         run()
@@ -99,8 +72,6 @@ def layer_step(impl: str, k: int, channels: int, res: int, direction: str) -> Ca
             torch.cuda.synchronize()
 
     step()
-    if impl != "conv":
-        check_against_reference(impl)
     return step
 
 
@@ -133,9 +104,8 @@ class ForwardBackward(_Layer):
 
 
 class _Cuda:
-    """What asv cannot measure itself on a GPU: kernel time from CUDA events (L2 flushed) and the caching
-    allocator's peak above the inputs, through the harness's bench.measure (skipped without a GPU, and in
-    commits before bench.measure)."""
+    """What asv cannot measure itself on a GPU: kernel time through the pipeline's timer (triton's do_bench,
+    L2 flushed) and the caching allocator's peak above the inputs (skipped without a GPU)."""
 
     params = GRID
     param_names = GRID_NAMES
@@ -145,15 +115,11 @@ class _Cuda:
     def setup(self, impl, k, channels, res):
         if DEVICE.type != "cuda":
             raise NotImplementedError("no CUDA device")
-        try:
-            from bench import measure
-        except ImportError as exc:
-            raise NotImplementedError(f"bench.measure is not in this commit: {exc}") from exc
-        self.measure = measure
+        self.measure = pipeline()[2]
         self.step = layer_step(impl, k, channels, res, self.direction)
 
     def track_seconds(self, *_):
-        return self.measure.time_fn(self.step, DEVICE).median_ms / 1e3
+        return self.measure.time_call(self.step, DEVICE).median_ms / 1e3
 
     def track_peak_bytes(self, *_):
         return self.measure.peak_memory_bytes(self.step, DEVICE)

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.cli import report_problems
 from bench.report.claim import claim_data, claim_figures, claim_markdown, measured
 from bench.report.load import load, rows_frame
 from bench.report.plots import save
@@ -24,9 +25,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     existing = [p for p in args.results if Path(p).exists()]
-    frame = load(existing) if existing else rows_frame([])
+    problems: list[str] = []
+    frame = load(existing, problems=problems) if existing else rows_frame([])
     if not measured(frame) and not args.no_run:
-        frame = load([*existing, measure_claim(args.results[0])])
+        frame = load([*existing, measure_claim(args.results[0])], problems=problems)
+    report_problems(sorted(set(problems)))
     numbers = claim_data(frame)
     out = Path(args.out)
     files = [save(spec, out) for spec in claim_figures(numbers)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cli import UsageError
+from bench.cli import UsageError, report_problems
 from bench.report.compare import compare, compare_markdown, failures, load_side, parse_fail_above
 
 
@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.threshold >= 0:
         raise UsageError(f"--threshold: expected a fraction >= 0, got {args.threshold}")
     limit = parse_fail_above(args.fail_above) if args.fail_above is not None else None
-    entries = compare(load_side(args.a, args.results, "A"), load_side(args.b, args.results, "B"), args.threshold)
+    problems: list[str] = []
+    sides = [load_side(spec, args.results, side, problems) for spec, side in ((args.a, "A"), (args.b, "B"))]
+    report_problems(problems)
+    entries = compare(*sides, args.threshold)
     table = compare_markdown(entries, args.a, args.b)
     print(table)
     if args.out:

@@ -7,7 +7,7 @@ import torch
 
 import sasa_impls
 
-from ..cases import DTYPES
+from ..schema import DTYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,5 +30,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--device: {error}") from None
             rel = "yes" if impl.supports_rel else "no"
             print(f"{name:<16} {impl.borders:<8} {rel:<4} {device:<7} {('yes' if ok else 'no'):<10} {impl.description if ok else reason}")
+        for option, spec in impl.options.items():
+            print(f"{'':<48} option {option}: {spec.doc} (--impl-option {option}=...)")
     print(f"{'conv':<16} {'-':<8} {'-':<4} {'any':<7} {'yes':<10} nn.Conv2d k x k, no bias (the baseline)")
     return 0

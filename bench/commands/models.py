@@ -1,10 +1,11 @@
 """`sasa-bench models`: ResNet-26/38/50 in the three variants: params, MACs, FLOPs, throughput, memory.
 
-Costs are analytic at 224x224 (bench/model_costs.py). Timing builds each model on the device and, per
-implementation, checks its logits against the reference implementation on a small input, then times
-inference (eval mode, no grad) and a training step (forward, cross-entropy, backward, SGD step) with
-bench.measure. CPU timing defaults to a small input (64x64, batch 2), since all nine models at 224
-take very long on a few CPU cores; the output states what was timed.
+Costs are analytic at 224x224 (bench/model_costs.py), printed beside the paper's Table 1 (bench/paper.py)
+with the difference and, where a figure differs from the paper's, the reason. Timing builds each model on
+the device and, per implementation, checks its logits against a float64 copy on the reference implementation
+on a small input, then times inference (eval mode, no grad) and a training step (forward and the gradients of
+every parameter, train mode) through the measuring pipeline (bench.pipeline, bench.measure). CPU timing defaults to a small input (64x64, batch 2), since all nine
+models at 224 take very long on a few CPU cores; the output states what was timed.
 """
 from __future__ import annotations
 
@@ -12,23 +13,23 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 import sasa_impls
 from sasa_impls.registry import auto_candidates
+from bench import measure, pipeline
 from bench.cli import UsageError, comma_choices, parse_device
-from bench.measure import peak_memory_bytes, time_fn
 from bench.model_costs import model_costs
+from bench.report.tables import markdown as table_markdown
+from bench.schema import CONV
+from bench.worker import failure_status, message
+from bench.paper import GFLOPS_TOLERANCE, PARAMS_TOLERANCE_M, compare
 from sasa_impls.models import BLOCKS, VARIANTS, resnet, set_impl
 
 COST_RES = 224
 CHECK_RES = 32
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# largest |impl - reference| / max|reference| of the logits accepted before timing
-CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 # (resolution, batch) timed by default, per device type
 TIMING_DEFAULTS = {"cuda": (224, 32), "cpu": (64, 2)}
-CONV_IMPL = "conv"  # the conv variant has no attention layer: one timing row, named like the conv baseline
 
 
 def register(subparsers) -> None:
@@ -59,53 +60,33 @@ def _positive(value, option: str, default: int) -> int:
     return value
 
 
-def check_logits(model: torch.nn.Module, impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'' when ``impl`` gives the reference implementation's logits on a small input, else why not."""
-    x = torch.randn(1, 3, CHECK_RES, CHECK_RES, device=device, dtype=dtype)
-    model.eval()
-    with torch.no_grad():
-        expected = set_impl(model, "reference")(x).double()
-        got = set_impl(model, impl)(x).double()
-    error = ((got - expected).abs().max() / expected.abs().max()).item()
-    if not error <= CHECK_TOLERANCE[dtype]:
-        return f"logits differ from the reference: max relative error {error:.3g}"
-    return ""
-
-
 def time_model(model: torch.nn.Module, impl: str, device: torch.device, dtype: torch.dtype, res: int, batch: int) -> dict:
-    """Inference and training-step throughput and peak memory of ``model`` backed by ``impl``."""
-    row = {"impl": impl, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "res": res, "batch": batch, "status": "ok", "error": ""}
-    x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
-    labels = torch.randint(model.fc.out_features, (batch,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def infer() -> None:
-        with torch.no_grad():
-            model(x)
-
-    def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), labels).backward()
-        optimizer.step()
-
+    """Inference and training-step throughput and peak memory of ``model`` backed by ``impl``, measured by
+    the suite's pipeline: its logits are checked first against a float64 copy of the model on the reference
+    implementation (bench.pipeline's tolerance for the dtype); "infer" is the forward without autograd in
+    eval mode, "train" the forward and the gradients of every parameter (and the input) in train mode."""
+    dtype_name = str(dtype).replace("torch.", "")
+    row = {"impl": impl, "device": str(device), "dtype": dtype_name, "res": res, "batch": batch, "status": "ok", "error": ""}
     try:
-        if impl != CONV_IMPL:
-            row["error"] = check_logits(model, impl, device, dtype)
-            if row["error"]:
-                row["status"] = "incorrect"
+        if impl != CONV:
+            set_impl(model, impl).eval()
+            check = pipeline.module_subject(model, torch.randn(1, 3, CHECK_RES, CHECK_RES, device=device, dtype=dtype), "fwd")
+            error = pipeline.errors_against_reference(check)["output"]
+            if not error <= pipeline.TOLERANCE[dtype_name]:
+                row.update(status="incorrect", error=f"logits differ from the reference: normalized error {error:.3g}")
                 return row
-        for mode, fn, train in (("infer", infer, False), ("train", train_step, True)):
-            model.train(train)
-            row[f"{mode}_peak_mem_bytes"] = peak_memory_bytes(fn, device)  # first: nothing cached yet
-            timing = time_fn(fn, device)
+        x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
+        for mode, direction in (("infer", "fwd"), ("train", "fwd+bwd")):
+            model.train(direction == "fwd+bwd")
+            fn = pipeline.step(pipeline.module_subject(model, x, direction))
+            fn()  # one call first: lazy initialisation and compilation stay out of the measurements
+            row[f"{mode}_peak_mem_bytes"] = measure.peak_memory_bytes(fn, device)
+            timing = measure.time_call(fn, device, measure.TimerSettings())
             row[f"{mode}_images_per_s"] = batch * 1000.0 / timing.median_ms
             row[f"{mode}_latency_ms"] = timing.median_ms
-    except torch.OutOfMemoryError as error:
-        row.update(status="oom", error=str(error).splitlines()[0])
-    except (RuntimeError, ValueError) as error:  # e.g. batch norm given one value per channel in training
-        row.update(status="error", error=str(error).splitlines()[0])
+    except Exception as error:  # the row says what happened (oom, error) and the other models are still timed
+        row.update(status=str(failure_status(error)), error=message(error))
     finally:
-        optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
@@ -137,58 +118,75 @@ def collect(settings: dict, timing: bool) -> list[dict]:
     rows = []
     for depth in settings["depths"]:
         for variant in settings["variants"]:
-            with torch.device("meta"):
-                costs = {"model": f"ResNet-{depth}", "depth": depth, "variant": variant, **model_costs(resnet(depth, variant), COST_RES)}
+            costs = model_row(depth, variant)
             if not timing:
                 rows.append(costs)
                 continue
             model = resnet(depth, variant).to(settings["device"], settings["dtype"])
-            impls = [CONV_IMPL] if variant == "conv" else settings["impls"]
+            impls = [CONV] if variant == "conv" else settings["impls"]
             for impl in impls:
                 rows.append({**costs, **time_model(model, impl, settings["device"], settings["dtype"], settings["res"], settings["batch"])})
             del model
     return rows
 
 
+def model_row(depth: int, variant: str) -> dict:
+    """The analytic costs of one model at COST_RES (built on the meta device) beside the paper's Table 1."""
+    with torch.device("meta"):
+        costs = model_costs(resnet(depth, variant), COST_RES)
+    paper = compare(depth, variant, costs["params"], costs["flops_paper"])
+    return {"model": f"ResNet-{depth}", "depth": depth, "variant": variant, **costs, **paper.fields()}
+
+
 def _num(value, scale: float, digits: int) -> str:
     return "" if value is None else f"{value / scale:.{digits}f}"
 
 
-def markdown(rows: list[dict], settings: dict, timing: bool) -> str:
-    """A costs table (one line per model) and, when timed, a throughput/memory table."""
-    lines = [
-        f"Costs of one {COST_RES}x{COST_RES} image. MACs count the relative logits per key (the paper's tables) "
-        "or factorized (k d per pixel); FLOPs (paper) = 2 x MACs per key.",
-        "",
-        "| model | variant | params (M) | MACs (G, rel. per key) | FLOPs paper (G) | MACs (G, rel. factorized) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    seen = set()
+def _signed(value: float) -> str:
+    """+0.04, -0.07; a difference that rounds to zero reads +0.00, never -0.00."""
+    return f"{round(value, 2) + 0.0:+.2f}"
+
+
+def costs_markdown(rows: list[dict]) -> list[str]:
+    """The costs table, one line per model, the paper's Table 1 figures beside the suite's."""
+    headers = ["model", "variant", "params (M)", "paper (M)", "Δ params (M)", "FLOPs (G)", "paper (G)", "Δ FLOPs (G)",
+               "MACs (G, rel. factorized)", "paper top-1 (%)", "note"]
+    cells, seen = [], set()
     for row in rows:
         if (row["depth"], row["variant"]) in seen:
             continue
         seen.add((row["depth"], row["variant"]))
-        lines.append(
-            f"| {row['model']} | {row['variant']} | {_num(row['params'], 1e6, 1)} | {_num(row['macs'], 1e9, 2)} "
-            f"| {_num(row['flops_paper'], 1e9, 1)} | {_num(row['macs_rel_factorized'], 1e9, 2)} |"
-        )
+        cells.append([row["model"], row["variant"], _num(row["params"], 1e6, 2), f"{row['paper_params_m']:.1f}",
+                      _signed(row["params_diff_m"]), _num(row["flops_paper"], 1e9, 2), f"{row['paper_gflops']:.1f}",
+                      _signed(row["gflops_diff"]), _num(row["macs_rel_factorized"], 1e9, 2), f"{row['paper_top1']:.1f}",
+                      row["note"]])
+    return [
+        f"Costs of one {COST_RES}x{COST_RES} image beside the paper's Table 1 (bench/paper.py). FLOPs = 2 x MACs with "
+        "the relative logits added to every key (the paper's convention); MACs (factorized) count them once per "
+        f"offset (k d per pixel). Δ = suite - paper; tolerance {PARAMS_TOLERANCE_M} M parameters and "
+        f"{GFLOPS_TOLERANCE} GFLOPs. A note says why a figure, rounded like the paper's, differs from it.",
+        "",
+        table_markdown(headers, cells),
+    ]
+
+
+def markdown(rows: list[dict], settings: dict, timing: bool) -> str:
+    """A costs table (one line per model) and, when timed, a throughput/memory table."""
+    lines = costs_markdown(rows)
     if timing:
         dtype = str(settings["dtype"]).replace("torch.", "")
+        headers = ["model", "variant", "impl", "status", "infer img/s", "infer peak MiB", "train img/s", "train peak MiB"]
+        cells = [[row["model"], row["variant"], row["impl"], row["status"], _num(row.get("infer_images_per_s"), 1, 1),
+                  _num(row.get("infer_peak_mem_bytes"), 2**20, 0), _num(row.get("train_images_per_s"), 1, 1),
+                  _num(row.get("train_peak_mem_bytes"), 2**20, 0)] for row in rows]
         lines += [
             "",
             f"Timing on {settings['device']}, {dtype}, batch {settings['batch']}, {settings['res']}x{settings['res']} input "
-            "(median; train = forward + cross-entropy + backward + SGD step; peak memory = what one call needs "
+            "(median; train = forward and the gradients of every parameter, in train mode; peak memory = what one call needs "
             "above the weights and inputs: CUDA allocator peak, or peak RSS growth on CPU).",
             "",
-            "| model | variant | impl | status | infer img/s | infer peak MiB | train img/s | train peak MiB |",
-            "|---|---|---|---|---:|---:|---:|---:|",
+            table_markdown(headers, cells),
         ]
-        for row in rows:
-            lines.append(
-                f"| {row['model']} | {row['variant']} | {row['impl']} | {row['status']} "
-                f"| {_num(row.get('infer_images_per_s'), 1, 1)} | {_num(row.get('infer_peak_mem_bytes'), 2**20, 0)} "
-                f"| {_num(row.get('train_images_per_s'), 1, 1)} | {_num(row.get('train_peak_mem_bytes'), 2**20, 0)} |"
-            )
         errors = [f"- {row['model']} {row['variant']} {row['impl']}: {row['status']}: {row['error']}" for row in rows if row["error"]]
         lines += [""] + errors if errors else []
     return "\n".join(lines)

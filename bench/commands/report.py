@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cli import UsageError
+from bench.cli import UsageError, report_problems
 from bench.report.index import write_report
 from bench.report.load import load
 
@@ -19,7 +19,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    frame = load(args.results)
+    problems: list[str] = []
+    frame = load(args.results, problems=problems)
+    report_problems(problems)
     if frame.empty:
         raise UsageError(f"--results: no result rows under {' '.join(args.results)} (run `sasa-bench run` first)")
     readme = write_report(frame, args.out, args.results)

@@ -7,20 +7,23 @@ the measured latency / memory ratios from result rows, each with a verdict in pl
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import pandas as pd
 
 from bench.flops import (ACCOUNTINGS, attention_macs_per_pixel, attention_params, attention_total_macs,
                          conv_macs_per_pixel, conv_params)
 
+from bench.schema import CONV, Case
+
 from .load import as_number, is_ok
 from .plots import Line, LinePlot, Point
-from .tables import CONV_IMPL, fmt, markdown
+from .tables import fmt, markdown
 
 D, ATTENTION_K, CONV_K, HEADS = 128, 19, 3, 8
 WIDTHS = (32, 64, 128, 256, 512)
 SAME_COST = 0.05  # |ratio - 1| within 5 %: "the same cost"
+# code that fvcore's tracer (torch.jit.trace) cannot follow, recognised by where a failed trace stopped
+# (a path fragment of a traceback frame; the first match names the reason)
 ACCOUNTING_WORDS = {
     "content_only": "content only (no relative logits)",
     "rel_per_key": "relative logits added to every key (the paper's tables, unfold)",
@@ -62,62 +65,58 @@ def analytic(d: int = D) -> dict:
 def fvcore_counts(d: int = D, res: int = 20) -> list[dict]:
     """fvcore's count of each implementation's SASA2d (d, d, k = 19) and of Conv2d k = 3, per pixel, on CPU.
 
-    Beside it the analytic MACs under the implementation's own accounting and what fvcore did not count.
+    Each module is built by the measuring pipeline as the runner measures it (bench.pipeline.build):
+    content-only peers (no relative logits) as ``SASA2d(..., relative=False)``. Beside the count: the
+    analytic MACs under the implementation's own accounting and what fvcore did not count. A module fvcore
+    cannot count has ``status`` "not available" or "not countable" and a ``reason`` in words.
     """
-    import torch
-
     import sasa_impls
-    from bench.cases import NOT_TIMED_BY_DEFAULT, rel_accounting
+    from bench.cases import NOT_TIMED_BY_DEFAULT, analytic_costs, attention_spec
 
     try:
-        from bench.fvcore_count import count_flops
-    except ImportError as error:
-        return [{"impl": "all", "status": f"fvcore counter unavailable: {error}"}]
-    modules: dict[str, Callable[[], torch.nn.Module]] = {
-        name: (lambda name=name: sasa_impls.SASA2d(d, d, ATTENTION_K, HEADS, impl=name))
-        for name in sasa_impls.list_impls() if name not in NOT_TIMED_BY_DEFAULT
-    }
-    modules[CONV_IMPL] = lambda: torch.nn.Conv2d(d, d, CONV_K, padding=CONV_K // 2, bias=False)
-    x = torch.randn(1, d, res, res)
+        from bench.pipeline import build, count_flops
+    except ImportError:
+        return [{"impl": "all", "status": "not available", "reason": "fvcore is not installed, so nothing was counted"}]
+    names = [name for name in sasa_impls.list_impls() if name not in NOT_TIMED_BY_DEFAULT] + [CONV]
     entries = []
-    for name, build in modules.items():
-        entry: dict = {"impl": name, "kernel_size": CONV_K if name == CONV_IMPL else ATTENTION_K}
-        if name == CONV_IMPL:
-            entry.update(accounting="conv", analytic_per_pixel=conv_macs_per_pixel(d, d, CONV_K))
-        else:
-            impl = sasa_impls.get_impl(name)
-            ok, why = impl.available(torch.device("cpu"), torch.float32)
-            accounting = rel_accounting(name)
-            entry.update(accounting=accounting, analytic_per_pixel=attention_total(d, ATTENTION_K, accounting))
+    for name in names:
+        relative = name != CONV and sasa_impls.get_impl(name).supports_rel
+        k = CONV_K if name == CONV else ATTENTION_K
+        case = Case(name, k, d, HEADS, res, 1, "float32", "cpu", "fwd", relative=relative)
+        costs = analytic_costs(case)
+        entry: dict = {"impl": name, "kernel_size": k, "accounting": costs["rel_accounting"] or "conv",
+                       "analytic_per_pixel": costs["macs_analytic"] / (res * res)}
+        if name != CONV:
+            ok, why = sasa_impls.get_impl(name).supports(attention_spec(case))
             if not ok:
-                entries.append({**entry, "status": f"not available on cpu: {why}"})
+                entries.append({**entry, "status": "not available", "reason": f"not available on cpu: {name} {why}"})
                 continue
-        try:
-            with torch.no_grad():
-                flops, uncounted = count_flops(build().eval(), (x,))
-        except Exception as error:  # a counter failure is reported, it must not hide the rest of the claim
-            entries.append({**entry, "status": f"error: {type(error).__name__}: {error}"})
+        counted = count_flops(build(case))
+        if counted["fvcore_error"]:
+            entries.append({**entry, "status": "not countable", "reason": counted["fvcore_error"]})
             continue
-        entries.append({**entry, "status": "ok", "fvcore_per_pixel": flops / (res * res), "uncounted": dict(uncounted)})
+        entries.append({**entry, "status": "ok", "fvcore_per_pixel": counted["flops_fvcore"] / (res * res),
+                        "uncounted": dict(counted["fvcore_uncounted"])})
     return entries
 
 
 def measured(frame: pd.DataFrame, d: int = D) -> list[dict]:
-    """SASA2d k = 19 per implementation vs Conv2d k = 3 at the same machine/device/dtype/direction/res/batch."""
+    """SASA2d k = 19 per implementation variant vs Conv2d k = 3 at the same machine/device/dtype/direction/res/batch
+    (layer rows only: the claim is about layers)."""
     if frame.empty:
         return []
-    rows = [r for r in frame.to_dict("records") if as_number(r.get("channels")) == d]
+    rows = [r for r in frame.to_dict("records") if as_number(r.get("channels")) == d and r.get("level") == "layer"]
     where = ("machine", "device", "dtype", "direction", "res", "batch")
-    convs = {tuple(r[c] for c in where): r for r in rows if r["impl"] == CONV_IMPL and as_number(r["k"]) == CONV_K}
+    convs = {tuple(r[c] for c in where): r for r in rows if r["impl"] == CONV and as_number(r["k"]) == CONV_K}
     out = []
     for row in rows:
         conv = convs.get(tuple(row[c] for c in where))
-        if row["impl"] == CONV_IMPL or as_number(row["k"]) != ATTENTION_K or conv is None:
+        if row["impl"] == CONV or as_number(row["k"]) != ATTENTION_K or conv is None:
             continue
         both = is_ok(row) and is_ok(conv)
         memory = as_number(row.get("peak_mem_bytes")), as_number(conv.get("peak_mem_bytes"))
         out.append({
-            **{c: row[c] for c in where}, "device_name": row.get("device_name"), "impl": row["impl"],
+            **{c: row[c] for c in where}, "device_name": row.get("device_name"), "impl": row["series"],
             "status": row.get("status") if not is_ok(row) else ("conv " + str(conv.get("status")) if not is_ok(conv) else "ok"),
             "latency_ms": as_number(row.get("latency_ms")), "conv_latency_ms": as_number(conv.get("latency_ms")),
             "latency_ratio": as_number(row["latency_ms"]) / as_number(conv["latency_ms"]) if both else None,
@@ -221,10 +220,12 @@ def claim_markdown(numbers: dict, figure_files: list[str]) -> str:
                                           [f"Conv2d({d}, {d}, k={CONV_K}): k² d²", f"{numbers['params']['conv_k3']:,}"]]), "",
         "## fvcore's count beside the analytic one", "",
         "fvcore counts one MAC as one flop, per pixel on a 20 x 20 input. It counts the ops each module really "
-        "traces (padding, masked or per-key work included) and skips the ops listed, so it differs from the analytic count.", "",
+        "traces (padding, masked or per-key work included) and skips the ops listed, so it differs from the analytic count. "
+        "Each module is the layer its implementation is measured as (content-only peers without relative embeddings); "
+        "where fvcore cannot count one, the cell says why.", "",
         markdown(["module", "accounting", "analytic (MAC/pixel)", "fvcore (MAC/pixel)", "not counted by fvcore"],
                  [[e["impl"], e.get("accounting", ""), fmt(e.get("analytic_per_pixel")),
-                   fmt(e.get("fvcore_per_pixel")) if e["status"] == "ok" else e["status"],
+                   fmt(e.get("fvcore_per_pixel")) if e["status"] == "ok" else e["reason"],
                    ", ".join(f"{k} x{v}" for k, v in sorted(e.get("uncounted", {}).items())) or "-"] for e in numbers["fvcore"]]), "",
         f"## Measured: SASA2d k = {ATTENTION_K} vs Conv2d k = {CONV_K}", "",
     ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.cli import UsageError
+from bench.schema import series
 from bench.store import read_rows
 
 from .load import CASE_COLUMNS, as_number, is_ok, rows_frame
@@ -26,17 +26,19 @@ SELECTORS = {
 }
 
 
-def load_side(spec: str, results: str | os.PathLike, name: str) -> pd.DataFrame:
-    """Rows of one side (latest per machine and case): a path, or selectors applied to ``results``."""
+def load_side(spec: str, results: str | os.PathLike, name: str, problems: list[str] | None = None) -> pd.DataFrame:
+    """Rows of one side (latest per machine and case): a path, or selectors applied to ``results``; lines
+    that are not rows go to ``problems`` (bench.store.read_rows)."""
     if Path(spec).exists():
-        rows = list(read_rows([spec]))
+        rows = list(read_rows([spec], problems))
     elif "=" in spec:
-        rows = [r for r in read_rows([results]) if all(SELECTORS[key](r, value) for key, value in parse_selectors(spec, name).items())]
+        selectors = parse_selectors(spec, name)
+        rows = [r for r in read_rows([results], problems) if all(SELECTORS[key](r, value) for key, value in selectors.items())]
     else:
-        raise UsageError(f"{name}: {spec!r} is neither a result file/folder nor a selector like commit=abc123 "
+        raise ValueError(f"{name}: {spec!r} is neither a result file/folder nor a selector like commit=abc123 "
                          f"(keys: {', '.join(SELECTORS)})")
     if not rows:
-        raise UsageError(f"{name}: no result rows in {spec!r}" + ("" if Path(spec).exists() else f" under {results}"))
+        raise ValueError(f"{name}: no result rows in {spec!r}" + ("" if Path(spec).exists() else f" under {results}"))
     return rows_frame(rows)
 
 
@@ -46,7 +48,7 @@ def parse_selectors(spec: str, name: str) -> dict[str, str]:
     for part in spec.split(","):
         key, _, value = part.partition("=")
         if key not in SELECTORS or not value:
-            raise UsageError(f"{name}: bad selector {part!r}; expected KEY=VALUE with KEY in {', '.join(SELECTORS)}")
+            raise ValueError(f"{name}: bad selector {part!r}; expected KEY=VALUE with KEY in {', '.join(SELECTORS)}")
         selectors[key] = value
     return selectors
 
@@ -61,9 +63,9 @@ def parse_fail_above(text: str) -> float:
         else:
             ratio = 1 + float(text)
     except ValueError:
-        raise UsageError(f"--fail-above: expected a fraction (0.1), a percentage (10%) or a ratio (1.1x), got {text!r}") from None
+        raise ValueError(f"--fail-above: expected a fraction (0.1), a percentage (10%) or a ratio (1.1x), got {text!r}") from None
     if not ratio >= 1 or ratio == float("inf"):
-        raise UsageError(f"--fail-above: a slow-down must be >= 0 (ratio >= 1x), got {text!r}")
+        raise ValueError(f"--fail-above: a slow-down must be >= 0 (ratio >= 1x), got {text!r}")
     return ratio
 
 
@@ -73,7 +75,7 @@ def match_keys(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
         return ["machine", *CASE_COLUMNS]
     for name, side in (("A", a), ("B", b)):
         if side.duplicated(list(CASE_COLUMNS)).any():
-            raise UsageError(f"{name}: holds several machines ({', '.join(sorted(map(str, set(side['machine']))))}) with the "
+            raise ValueError(f"{name}: holds several machines ({', '.join(sorted(map(str, set(side['machine']))))}) with the "
                              f"same cases; select one with machine=ID")
     return list(CASE_COLUMNS)
 
@@ -88,7 +90,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.05) -> list[d
         if row_b is not None:
             entries.append({**{k: row_a[k] for k in keys}, **_change(row_a, row_b, threshold)})
     if not entries:
-        raise UsageError("A, B: no case is present on both sides")
+        raise ValueError("A, B: no case is present on both sides")
     return entries
 
 
@@ -115,14 +117,19 @@ def failures(entries: list[dict], limit: float) -> list[dict]:
     return [e for e in entries if e["regression"] or (e["beyond_noise"] and e["ratio"] > limit)]
 
 
+# The case columns a comparison shows: the implementation variant (bench.schema.series) stands for impl,
+# relative and impl_options.
+SHOWN = ("machine", "series", "k", "channels", "heads", "res", "batch", "dtype", "device", "direction", "level")
+
+
 def compare_markdown(entries: list[dict], a_label: str, b_label: str) -> str:
     """The comparison as a Markdown table, slowest change first."""
-    keys = [k for k in entries[0] if k in ("machine", *CASE_COLUMNS)]
+    keys = [k for k in SHOWN if k in entries[0] or k == "series"]
     ordered = sorted(entries, key=lambda e: -(e["ratio"] or 0))
-    rows = [[str(e[k]) for k in keys]
+    rows = [[series(e) if k == "series" else str(e[k]) for k in keys]
             + [_latency(e, "a"), _latency(e, "b"), f"{e['ratio']:.3f}" if e["ratio"] else "n/a",
                f"**{e['mark']}**" if e["mark"] else ""] for e in ordered]
-    headers = keys + [f"A: {a_label} (ms)", f"B: {b_label} (ms)", "B / A (×)", "beyond noise"]
+    headers = ["impl" if k == "series" else k for k in keys] + [f"A: {a_label} (ms)", f"B: {b_label} (ms)", "B / A (×)", "beyond noise"]
     return markdown(headers, rows)
 
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bench.flops import conv_macs_per_pixel
+from bench.schema import CONV
 
 from .load import SWEEP_COLUMNS, as_number
 from .metrics import METRICS, Metric
 from .peaks import gpu_peak, peak_flops
 from .plots import Line, LinePlot, Point, Roofline
-from .tables import CONV_IMPL, impl_order
+from .tables import impl_order
 
 X_LABELS = {"k": "kernel size k", "res": "resolution (px, square input)", "channels": "channels (d_in = d_out)"}
 LOG_X = {"k": False, "res": True, "channels": True}
@@ -21,13 +22,13 @@ LOG_X = {"k": False, "res": True, "channels": True}
 class Sweep:
     """A family of figures: ``metric`` vs ``x``, one figure per setting of the other case variables.
 
-    ``dashed``: a second metric drawn dashed per implementation (e.g. fvcore's count beside the analytic);
+    ``second``: a second metric drawn per implementation beside the first (fvcore's count beside the analytic);
     ``conv_k3``: add the k = 3 convolution's MACs as a reference line.
     """
 
     metric: str
     x: str
-    dashed: str | None = None
+    second: str | None = None
     conv_k3: bool = False
 
 
@@ -36,7 +37,7 @@ SWEEPS = (
     Sweep("memory", "k"),
     Sweep("latency", "res"),
     Sweep("latency", "channels"),
-    Sweep("macs", "k", dashed="fvcore", conv_k3=True),
+    Sweep("macs", "k", second="fvcore", conv_k3=True),
 )
 
 
@@ -55,19 +56,19 @@ def _sweep(group: pd.DataFrame, sweep: Sweep, title: str, prefix: str) -> list[L
     metric = METRICS[sweep.metric]
     fixed = [c for c in SWEEP_COLUMNS if c != sweep.x]
     records = group.to_dict("records")
-    attention = [r for r in records if r["impl"] != CONV_IMPL]
+    attention = [r for r in records if r["impl"] != CONV]
     keys = sorted({tuple(r[c] for c in fixed) for r in attention}, key=str)
     figures = []
     for key in keys:
         setting = dict(zip(fixed, key))
-        rows = [r for r in records if all(r[c] == v for c, v in setting.items() if not (c == "heads" and r["impl"] == CONV_IMPL))]
-        if max(len({r[sweep.x] for r in rows if r["impl"] == impl}) for impl in {r["impl"] for r in attention}) < 2:
+        rows = [r for r in records if all(r[c] == v for c, v in setting.items() if not (c == "heads" and r["impl"] == CONV))]
+        if max(len({r[sweep.x] for r in rows if r["series"] == name}) for name in {r["series"] for r in attention}) < 2:
             continue  # no attention implementation varies along x here
         lines = _lines(rows, sweep.x, metric)
-        if sweep.dashed:
+        if sweep.second:
             lines = [Line(f"{line.label} ({sweep.metric})", line.points) for line in lines]
-            lines += [Line(f"{line.label} ({sweep.dashed})", line.points, dashed=True)
-                      for line in _lines(rows, sweep.x, METRICS[sweep.dashed]) if any(p.y is not None for p in line.points)]
+            lines += [Line(f"{line.label} ({sweep.second})", line.points)
+                      for line in _lines(rows, sweep.x, METRICS[sweep.second]) if any(p.y is not None for p in line.points)]
         references = []
         if sweep.conv_k3:
             channels, res, batch = (as_number(setting.get(c)) for c in ("channels", "res", "batch"))
@@ -86,8 +87,8 @@ def _sweep(group: pd.DataFrame, sweep: Sweep, title: str, prefix: str) -> list[L
 def _lines(rows: list[dict], x: str, metric: Metric) -> list[Line]:
     """One line per implementation: (x, value) points, or (x, None, status) where there is no value."""
     lines = []
-    for impl in impl_order([r["impl"] for r in rows]):
-        points = [Point(float(r[x]), metric.of(r), r.get("status") or "n/a") for r in rows if r["impl"] == impl]
+    for impl in impl_order([r["series"] for r in rows]):
+        points = [Point(float(r[x]), metric.of(r), r.get("status") or "n/a") for r in rows if r["series"] == impl]
         lines.append(Line(impl, sorted(points, key=lambda p: p.x)))
     return lines
 
@@ -105,7 +106,7 @@ def roofline(group: pd.DataFrame, title: str, prefix: str) -> Roofline | None:
     for row in records:
         x, gflops = METRICS["intensity"].of(row), METRICS["gflops"].of(row)
         if x is not None and gflops is not None:
-            points.setdefault(row["impl"], []).append((x, gflops * 1e9))
+            points.setdefault(row["series"], []).append((x, gflops * 1e9))
     if not points:
         return None
     return Roofline(slug(prefix, "roofline"), f"Roofline: {title}", flops, peak.bandwidth, points)

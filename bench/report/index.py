@@ -18,11 +18,13 @@ Each section is one machine, device, dtype and direction (`fwd`, or `fwd+bwd` = 
 Rows are cases (k, channels, heads, resolution, batch); columns are implementations (`conv` is the
 nn.Conv2d k x k baseline). A **bold word** in place of a number is the case's status: `oom` (out of
 memory), `timeout`, `error`, `incorrect` (output did not match the reference, so it was not timed),
-`unsupported` (the implementation does not run on that device/dtype). Plots mark those cases with an x at
-the top. Throughput = 2 x analytic MACs x (1 for fwd, 3 for fwd+bwd) / median latency; the analytic MACs
-count the relative logits per key for `unfold` and factorized for the others (see DESIGN.md). Fraction of
-peak and the roofline use the GPU's published dense peak (bench/report/peaks.py); the roofline's
-arithmetic intensity counts compulsory traffic only (input, output and weights moved once per pass)."""
+`unsupported` (the implementation does not run on that device/dtype). Plots mark those cases with an x,
+labelled with the status, in a shaded band above every curve. A latency marked (noisy) has an IQR above 10%
+of its median; each latency table says how many were. Throughput = 2 x analytic MACs x (1 for fwd, 3 for
+fwd+bwd) / median latency; the analytic MACs count the relative logits per key for `unfold` and factorized
+for the others (see docs/design.md). Fraction of peak and the roofline use the GPU's published dense peak
+(bench/report/peaks.py); the roofline's arithmetic intensity counts compulsory traffic only (input, output
+and weights moved once per pass)."""
 
 
 def write_report(frame: pd.DataFrame, out_dir: str | os.PathLike, sources: Iterable[str | os.PathLike] = ()) -> Path:
@@ -56,10 +58,11 @@ def machines_table(frame: pd.DataFrame) -> str:
 
 
 def group_section(group_key: dict, group: pd.DataFrame, out_dir: Path) -> list[str]:
-    """The tables and plots of one machine/device/dtype/direction."""
+    """The tables and plots of one machine/device/dtype/direction/level (the bare op's sections say so)."""
     device_name = group["device_name"].iloc[0]
-    title = f"{device_name}, {group_key['dtype']}, {group_key['direction']}"
-    prefix = slug(group_key["machine"], group_key["device"], group_key["dtype"], group_key["direction"])
+    op = group_key["level"] == "op"
+    title = f"{device_name}, {group_key['dtype']}, {group_key['direction']}" + (", bare op" if op else "")
+    prefix = slug(group_key["machine"], group_key["device"], group_key["dtype"], group_key["direction"], "op" if op else None)
     parts = [f"## {group_key['machine']}: {title}", ""]
     for spec in TABLES.values():
         table = group_table(group, spec)
@@ -71,22 +74,27 @@ def group_section(group_key: dict, group: pd.DataFrame, out_dir: Path) -> list[s
     return parts
 
 
-def models_section(sources: Iterable[str]) -> list[str]:
-    """Tables of ``models.json`` files found under the result folders (written by `sasa-bench models`).
+# The columns of a models table: what `sasa-bench models --json` rows hold (costs, then one timing per impl).
+MODEL_COLUMNS = {"model": "model", "variant": "variant", "params": "params", "flops_paper": "FLOPs (paper convention)",
+                 "impl": "impl", "device": "device", "dtype": "dtype", "res": "res (px)", "batch": "batch",
+                 "status": "status", "infer_images_per_s": "infer (img/s)", "infer_peak_mem_bytes": "infer peak (bytes)",
+                 "train_images_per_s": "train (img/s)", "train_peak_mem_bytes": "train peak (bytes)"}
 
-    Generic: a JSON list of flat objects, or an object holding such a list under "rows", becomes one table.
-    """
+
+def models_section(sources: Iterable[str]) -> list[str]:
+    """Tables of ``models.json`` files found under the result folders (written by `sasa-bench models --json`):
+    the MODEL_COLUMNS a file has; a case that did not run shows its status word, never an error's text."""
     parts = []
     for source in map(Path, sources):
         for path in sorted(source.rglob("models.json")) if source.is_dir() else []:
             data = json.loads(path.read_text())
             rows = data.get("rows", [data]) if isinstance(data, dict) else data
             rows = [r for r in rows if isinstance(r, dict)]
-            if not rows:
+            columns = [c for c in MODEL_COLUMNS if any(c in r for r in rows)]
+            if not rows or not columns:
                 continue
-            headers = list(dict.fromkeys(k for r in rows for k in r))
-            cells = [[_cell(r.get(h)) for h in headers] for r in rows]
-            parts += [f"## Models: {path.parent.name}", "", markdown(headers, cells), ""]
+            cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+            parts += [f"## Models: {path.parent.name}", "", markdown([MODEL_COLUMNS[c] for c in columns], cells), ""]
     return parts
 
 

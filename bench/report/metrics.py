@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .load import DIRECTION_PASSES, as_number, is_ok
+from bench.schema import DIRECTION_PASSES
+
+from .load import as_number, is_ok
 from .peaks import element_size, peak_flops
 
 

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..common import compute_dtype, factorized_rel_logits
-from ..registry import Impl, register
+from ..registry import AttentionSpec, Impl, Option, choice, register
 
 BLOCK = 128  # FlexAttention's sparse block size (tokens per query block and per key block)
 
@@ -190,16 +190,18 @@ def relative_score_mod(row_terms: torch.Tensor, col_terms: torch.Tensor, rows: t
     return score_mod
 
 
+def flex_limits(spec: AttentionSpec) -> tuple[bool, str]:
+    """FlexAttention has no backward on CPU (torch 2.13): inputs that need gradients are refused there."""
+    if spec.device.type == "cpu" and spec.requires_grad:
+        return False, ("cannot compute gradients on cpu: FlexAttention has no backward on CPU (torch 2.13); "
+                       "run it under torch.no_grad() or pick another implementation for training")
+    return True, ""
+
+
 def flex_local_attention(q, k, v, rel_row: Optional[torch.Tensor], rel_col: Optional[torch.Tensor], kernel_size: int,
                          scale: float = 1.0, order: str = DEFAULT_ORDER) -> torch.Tensor:
     """The SASA op with FlexAttention; ``order`` is a key of TOKEN_ORDERS or "auto" (fewest block pairs)."""
     _, _, height, width, _ = q.shape
-    tensors = [t for t in (q, k, v, rel_row, rel_col) if t is not None]
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise NotImplementedError(
-            "impl 'flex': FlexAttention has no backward on CPU (torch 2.13); run it under torch.no_grad() "
-            "or pick another implementation for training"
-        )
     order = resolve_order(height, width, kernel_size, order)
     mask, rows, cols = window_block_mask(height, width, kernel_size, q.device, order)
     queries = to_tokens(q, order)
@@ -219,5 +221,7 @@ register(
         forward=flex_local_attention,
         description="torch.compile(flex_attention): 2D window block mask, relative logits in score_mod (CPU: forward only)",
         check=flex_available,
+        limits=flex_limits,
+        options={"order": Option(choice(DEFAULT_ORDER, *TOKEN_ORDERS), "token order: auto, row_major or tiles")},
     )
 )

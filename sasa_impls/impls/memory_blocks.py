@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..common import MASKED_LOGIT, compute_dtype, factorized_rel_logits
-from ..registry import Impl, register
+from ..registry import Impl, Option, positive_int, register
 
 # Query block edge per device type. A block computes (b + k - 1)^2 logits per query instead of k^2 and copies
 # K and V (1 + (k - 1) / b)^2 times, so small blocks waste less; but each block is one matmul with b^2 query rows,
@@ -82,5 +82,6 @@ register(
         forward=memory_blocks_attention,
         description="b x b query blocks attend to their halo block with dense matmuls and a window mask",
         auto_priority={"cpu": 10, "cuda": 10},
+        options={"block": Option(positive_int, "query block edge b; default per device, BLOCK_BY_DEVICE")},
     )
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Impl, register
+from ..registry import AttentionSpec, Impl, register
 
 try:
     import natten
@@ -46,26 +46,29 @@ def compile_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return can_run_flex_attention(q, k, v, torch_compile=True)
 
 
+def natten_limits(spec: AttentionSpec) -> tuple[bool, str]:
+    """NATTEN's clamped windows need k <= H and W; on CPU it has no backward and its (uncompiled Flex)
+    backend takes only some head dims, which NATTEN's own check judges."""
+    if spec.kernel_size > min(spec.height, spec.width):
+        return False, (f"needs kernel_size <= H and W (clamped windows), got kernel_size {spec.kernel_size} "
+                       f"for {spec.height}x{spec.width}")
+    if spec.device.type != "cpu":
+        return True, ""
+    if spec.requires_grad:
+        return False, "cannot compute gradients on cpu: NATTEN has no backward on CPU (its Flex backend); run it under torch.no_grad()"
+    probe = torch.empty(1, 1, 1, 1, spec.head_dim, dtype=spec.dtype)  # (B, H, W, heads, D): only D and dtype matter
+    try:
+        can_run_flex_attention(probe, probe, probe, torch_compile=False, raise_error=True)
+    except (ValueError, RuntimeError) as error:  # NATTEN raises either, by the check that failed
+        return False, f"cannot run head_dim {spec.head_dim} on cpu: {error}"
+    return True, ""
+
+
 def natten_attention(q, k, v, rel_row, rel_col, kernel_size: int, scale: float = 1.0) -> torch.Tensor:
-    """Content-only neighbourhood attention with NATTEN's clamped windows, in our (B, heads, H, W, D) layout."""
-    _, _, height, width, _ = q.shape
-    if rel_row is not None or rel_col is not None:
-        raise ValueError("rel_row, rel_col: natten has no relative-position term; pass None for both")
-    if kernel_size > min(height, width):
-        raise ValueError(
-            f"kernel_size: natten's clamped windows need kernel_size <= H and W, got {kernel_size} for {height}x{width}"
-        )
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise NotImplementedError(
-            "impl 'natten': NATTEN has no backward on CPU (its Flex backend); run it under torch.no_grad()"
-        )
+    """Content-only neighbourhood attention with NATTEN's clamped windows, in our (B, heads, H, W, D) layout
+    (inputs judged by :func:`natten_limits` first)."""
     # (B, heads, H, W, D) -> NATTEN's heads-last (B, H, W, heads, D)
     query, key, value = (t.permute(0, 2, 3, 1, 4) for t in (q, k, v))
-    if q.device.type == "cpu":  # Flex is NATTEN's only CPU backend: say why it cannot run (e.g. the head dim)
-        try:
-            can_run_flex_attention(query, key, value, torch_compile=False, raise_error=True)
-        except ValueError as error:
-            raise ValueError(f"q: natten cannot run this input on cpu: {error}") from error
     out = natten.na2d(query, key, value, kernel_size=kernel_size, scale=scale,
                       torch_compile=compile_flex(query, key, value))
     return out.permute(0, 3, 1, 2, 4)
@@ -77,6 +80,7 @@ register(
         forward=natten_attention,
         description="natten.na2d: clamped windows, no relative logits (CPU: uncompiled Flex, forward only)",
         check=natten_available,
+        limits=natten_limits,
         borders="clamped",
         supports_rel=False,
     )

@@ -6,13 +6,15 @@ before triton is first imported: triton.jit reads it when it decorates), which i
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from typing import Iterator
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..registry import Impl, register
+from ..registry import Impl, Option, int_pair, register
 
 
 def default_tile(head_dim: int, kernel_size: int) -> tuple[int, int]:
@@ -46,12 +48,27 @@ def triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, st
     return True, ""
 
 
-def check_tile(tile: tuple[int, int]) -> tuple[int, int]:
-    """A tile is two powers of two with at least 16 pixels (tl.dot needs blocks of >= 16 rows)."""
-    pairs = isinstance(tile, (tuple, list)) and len(tile) == 2
-    if not pairs or any(not isinstance(t, int) or t < 1 or t & (t - 1) for t in tile) or tile[0] * tile[1] < 16:
+def check_tile(tile: tuple[int, int] | str) -> tuple[int, int]:
+    """A tile is two powers of two with at least 16 pixels (tl.dot needs blocks of >= 16 rows); "4x8" is (4, 8)."""
+    try:
+        rows, cols = int_pair(tile)
+    except ValueError:
+        rows = cols = 0
+    if rows < 1 or cols < 1 or rows & (rows - 1) or cols & (cols - 1) or rows * cols < 16:
         raise ValueError(f"tile: expected two powers of two with a product >= 16, got {tile!r}")
-    return tuple(tile)
+    return rows, cols
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Within: every output and gradient buffer is filled with NaN before the kernels write it."""
+    from . import _triton_kernels as kernels
+
+    kernels.POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        kernels.POISON_OUTPUTS = False
 
 
 class _FusedSASA(torch.autograd.Function):
@@ -92,5 +109,7 @@ register(
         description="fused Triton kernel: tiled tl.dot, online softmax, factorized relative logits, fwd + bwd",
         check=triton_available,
         auto_priority={"cuda": 0},
+        options={"tile": Option(check_tile, "query/key tile ROWSxCOLS, powers of two, e.g. 4x8; default default_tile")},
+        poisoned=poisoned_outputs,
     )
 )
