@@ -1,0 +1,282 @@
+// Backward of the fused CPU kernel, flash-style: the probabilities are recomputed from the saved
+// log-sum-exp, p = exp(s - lse), dS = p (dP - delta) with dP = dO . v and delta = dO . O per query.
+//
+// One task = the query rows of one band of one (batch, head), taken kGroupRows at a time, against the
+// key rows of their windows, also kGroupRows at a time. For each key row, a query-centric sweep over
+// the rows' blocks computes p and dS for all k column offsets (the logits and dP as in the forward),
+// accumulates dQ += dS k (a shifted key row, as the forward aggregates v) and the per-query sums of dS
+// over each row offset and each column offset (the relative gradients' k + k values per query), and
+// leaves p and dS of each (query row, key row) pair (k values per pixel) in scratch. For each query
+// row, a key-centric sweep over the key rows then reads them diagonally (key x, offset c pairs with
+// query x - c + r) for dK += dS q and dV += p dO, with the key row's pixels in the lanes. Grouping
+// rows lets each shifted load feed the FMAs of two rows (contract.h). Each contraction is the
+// forward's microkernel: 5 D MACs per (query, key) pair.
+//
+// Key rows are shared by neighbouring bands, so each task accumulates dK and dV into its own halo rows
+// (band plus r rows either side); reduce_key_row sums the bands' halo rows in band order. Relative
+// gradients are summed per task and then over tasks in a fixed order. No atomics anywhere: the
+// gradients depend on the band height, never on the thread count.
+#pragma once
+
+#include "forward.h"
+
+namespace sasa::cpu {
+
+template <typename S, typename T>
+struct BackwardArgs {
+  Tensor5<const S> q, k, v, out, grad_out;
+  const S* rel_row;  // (heads, k, Dr) contiguous, or nullptr
+  const S* rel_col;
+  const T* lse;  // (B, heads, H, W) contiguous
+  T scale;
+  Tensor5<S> dq;
+  T* halo;                     // every task's halo rows: [rows][dK, dV][D][padded W]
+  const int64_t* halo_offset;  // first halo row of band t within one (batch, head), t <= band count
+  T* rel_partial;              // (tasks, k, D): per-task relative gradients, or nullptr
+};
+
+// Halo rows of a band: the key rows its queries' windows touch.
+inline int halo_begin(const Shape& s, const Bands& bands, int t) { return window_begin(bands.begin(t), s.radius()); }
+inline int halo_end(const Shape& s, const Bands& bands, int t) { return window_end(bands.end(t) - 1, s.radius(), s.height); }
+
+// Elements of one halo row: dK and dV of all channels, padded width.
+template <typename T>
+inline int64_t halo_row_size(const Shape& s) {
+  return 2 * static_cast<int64_t>(s.channels) * padded_width<T>(s.width);
+}
+
+template <typename T>
+struct BackwardWorkspace {
+  int wp, ws;          // padded width; width of the p / dS scratch rows (r zero columns either side)
+  int64_t pair_size;   // k * ws: p or dS of one (query row, key row) pair
+  PackedRows<T> q, grad_out, k, v;
+  RelTables<T> rel;
+  std::vector<T> lse, delta;              // [band rows][wp]
+  std::vector<T> row_terms, col_terms;    // [G][k][wp]: the relative terms of the group's query rows
+  std::vector<T> probs, dscores;          // [G][G][k][ws]: p and dS of (query row g, key row a0 + e)
+  std::vector<T> ds_rows, ds_cols;        // [G][k][wp]: sums of dS per row / column offset
+  std::vector<T> dq;                      // [band rows][D][wp]: dQ / scale
+  VecBuffer<T> logits, dp, rel_grad;      // G k, G k, k D vectors
+
+  BackwardWorkspace(const Shape& s, int band)
+      : wp(padded_width<T>(s.width)),
+        ws(wp + 2 * s.radius()),
+        pair_size(static_cast<int64_t>(s.kernel_size) * ws),
+        q(band, s.channels, s.width, s.radius()),
+        grad_out(band, s.channels, s.width, s.radius()),
+        k(band + 2 * s.radius(), s.channels, s.width, s.radius()),
+        v(band + 2 * s.radius(), s.channels, s.width, s.radius()),
+        lse(static_cast<size_t>(band) * wp),
+        delta(static_cast<size_t>(band) * wp),
+        row_terms(static_cast<size_t>(kGroupRows) * s.kernel_size * wp),
+        col_terms(static_cast<size_t>(kGroupRows) * s.kernel_size * wp),
+        probs(kGroupRows * kGroupRows * pair_size, T(0)),
+        dscores(kGroupRows * kGroupRows * pair_size, T(0)),
+        ds_rows(static_cast<size_t>(kGroupRows) * s.kernel_size * wp),
+        ds_cols(static_cast<size_t>(kGroupRows) * s.kernel_size * wp),
+        dq(static_cast<size_t>(band) * s.channels * wp),
+        logits(kGroupRows * s.kernel_size),
+        dp(kGroupRows * s.kernel_size),
+        rel_grad(static_cast<size_t>(s.kernel_size) * s.channels) {}
+
+  // p or dS of (query row g, key row a0 + e) of the current groups, at query column -r
+  T* pair(std::vector<T>& scratch, int g, int e) { return scratch.data() + (g * kGroupRows + e) * pair_size; }
+};
+
+// lse and delta = dO . O of the band's query rows; padding lanes get lse = +1e30, which makes their
+// p (and so their dS) exactly 0: they never reach dK, dV or the relative gradients.
+template <typename S, typename T>
+void load_row_stats(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h, int row0, int row1,
+                    BackwardWorkspace<T>& ws) {
+  const int W = shape.width, D = shape.channels;
+  const Plane<const S> out = args.out.plane(b, h);
+  const T* lse = args.lse + (static_cast<int64_t>(b) * shape.heads + h) * shape.height * W;
+  for (int i = row0; i < row1; ++i) {
+    T* lse_row = ws.lse.data() + static_cast<int64_t>(i - row0) * ws.wp;
+    T* delta_row = ws.delta.data() + static_cast<int64_t>(i - row0) * ws.wp;
+    for (int x = 0; x < ws.wp; ++x) {
+      lse_row[x] = x < W ? lse[static_cast<int64_t>(i) * W + x] : static_cast<T>(-kMaskedLogit);
+      delta_row[x] = T(0);
+    }
+    for (int d = 0; d < D; ++d) {
+      const T* g = ws.grad_out.at(i, d, 0);
+      for (int x = 0; x < W; ++x) delta_row[x] += g[x] * static_cast<T>(out(i, x, d));
+    }
+  }
+}
+
+// The gradients of query rows [row0, row1) (one band) from the packed rows: dQ / scale into ws.dq, dK and
+// dV into the band's halo rows (key rows from hb), the relative gradients into ``rel_partial`` (k x D).
+// Independent of the caller's dtype (one instance per accumulation type).
+template <typename T>
+__attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspace<T>& ws, int row0, int row1, int hb,
+                                             T* halo, T* rel_partial) {
+  constexpr int L = kLanes<T>, G = kGroupRows;
+  const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height;
+  const int dr = shape.row_channels(), dc = shape.col_channels();
+  const int wp = ws.wp, wsc = ws.ws;
+  const int64_t cs = ws.q.channel_stride();
+  const int64_t row_size = halo_row_size<T>(shape);
+  std::fill(halo, halo + (window_end(row1 - 1, r, H) - hb) * row_size, T(0));
+  std::fill(ws.dq.begin(), ws.dq.end(), T(0));
+  for (int i = 0; i < k * D; ++i) ws.rel_grad[i] = Vec<T>{};
+  Vec<T> ones[G];
+  Strided<T> logits[G], dp[G];
+  for (int g = 0; g < G; ++g) {
+    ones[g] = splat(T(1));
+    logits[g] = {ws.logits.data() + g * k * L, L};
+    dp[g] = {ws.dp.data() + g * k * L, L};
+  }
+
+  for (int i0 = row0; i0 < row1; i0 += G) {
+    const int rows = row1 - i0 < G ? row1 - i0 : G;
+    const auto row_terms = [&](int g, int o) { return ws.row_terms.data() + (static_cast<int64_t>(g) * k + o) * wp; };
+    const auto col_terms = [&](int g, int c) { return ws.col_terms.data() + (static_cast<int64_t>(g) * k + c) * wp; };
+    const auto ds_rows = [&](int g, int o) { return ws.ds_rows.data() + (static_cast<int64_t>(g) * k + o) * wp; };
+    const auto ds_cols = [&](int g, int c) { return ws.ds_cols.data() + (static_cast<int64_t>(g) * k + c) * wp; };
+    const auto dq_row = [&](int g) { return ws.dq.data() + static_cast<int64_t>(i0 + g - row0) * D * wp; };
+    for (int g = 0; g < rows; ++g) {
+      for (int x0 = 0; x0 < wp; x0 += L) {
+        block_terms(Strided<T>{row_terms(g, 0) + x0, wp}, Strided<T>{col_terms(g, 0) + x0, wp}, ws.q.at(i0 + g, 0, x0),
+                    cs, shape, shape.has_rel ? &ws.rel : nullptr, x0);
+      }
+    }
+    std::fill(ws.ds_rows.begin(), ws.ds_rows.end(), T(0));
+    std::fill(ws.ds_cols.begin(), ws.ds_cols.end(), T(0));
+
+    const int a_end = window_end(i0 + rows - 1, r, H);
+    for (int a0 = window_begin(i0, r); a0 < a_end; a0 += G) {
+      const int keys = a_end - a0 < G ? a_end - a0 : G;
+      for (int e = 0; e < keys; ++e) {  // queries of the group against key row a0 + e
+        const int a = a0 + e;
+        int first, last;
+        rows_within(a, i0, rows, r, first, last);
+        const T* key_row = ws.k.at(a, 0, -r);
+        const T* value_row = ws.v.at(a, 0, -r);
+        for (int x0 = 0; x0 < wp; x0 += L) {
+          Loads<T> queries[G], grads[G], dscores[G];
+          Strided<T> dq[G];
+          for (int g = first; g <= last; ++g) {
+            const Vec<T> row_term = load(row_terms(g, offset_index(i0 + g, a, r)) + x0);
+            for (int c = 0; c < k; ++c) {
+              logits[g].set(c, row_term + load(col_terms(g, c) + x0));
+              dp[g].set(c, Vec<T>{});
+            }
+            queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
+            grads[g] = {ws.grad_out.at(i0 + g, 0, x0), cs};
+            dscores[g] = {ws.pair(ws.dscores, g, e) + r + x0, wsc};
+            dq[g] = {dq_row(g) + x0, wp};
+          }
+          const int count = last - first + 1;
+          contract_rows<T, G>(count, logits + first, k, ones, queries + first, Shifted<T>{key_row + x0, cs}, D);
+          contract_rows<T, G>(count, dp + first, k, ones, grads + first, Shifted<T>{value_row + x0, cs}, D);
+          for (int g = first; g <= last; ++g) {
+            const int64_t stat = static_cast<int64_t>(i0 + g - row0) * wp + x0;
+            const Vec<T> lse = load(ws.lse.data() + stat), delta = load(ws.delta.data() + stat);
+            T* probs = ws.pair(ws.probs, g, e) + r + x0;
+            T* scores = ws.pair(ws.dscores, g, e) + r + x0;
+            Vec<T> row_sum = Vec<T>{};
+            for (int c = 0; c < k; ++c) {
+              const Vec<T> p = vexp(logits[g].get(c) - lse);
+              const Vec<T> ds = p * (dp[g].get(c) - delta);
+              store(probs + c * wsc, p);
+              store(scores + c * wsc, ds);
+              row_sum += ds;
+              store(ds_cols(g, c) + x0, load(ds_cols(g, c) + x0) + ds);
+            }
+            store(ds_rows(g, offset_index(i0 + g, a, r)) + x0, row_sum);
+          }
+          contract_rows<T, G>(count, dq + first, D, ones, dscores + first, VectorAt<T>{key_row + x0, 1, cs}, k);
+        }
+      }
+      for (int g = 0; g < rows; ++g) {  // keys of rows a0 .. a0 + keys: offset c pairs key x with query x - c + r
+        int first, last;
+        rows_within(i0 + g, a0, keys, r, first, last);
+        if (first > last) continue;
+        for (int x0 = 0; x0 < wp; x0 += L) {
+          Strided<T> dk[G], dv[G];
+          Loads<T> dscores[G], probs[G];
+          for (int e = first; e <= last; ++e) {
+            dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
+            dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
+            dscores[e] = {ws.pair(ws.dscores, g, e) + 2 * r + x0, wsc - 1};
+            probs[e] = {ws.pair(ws.probs, g, e) + 2 * r + x0, wsc - 1};
+          }
+          const int count = last - first + 1;
+          contract_rows<T, G>(count, dk + first, D, ones, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
+          contract_rows<T, G>(count, dv + first, D, ones, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
+        }
+      }
+    }
+
+    for (int g = 0; g < rows && shape.has_rel; ++g) {
+      const int i = i0 + g;
+      for (int x0 = 0; x0 < wp; x0 += L) {  // dQ's relative part and the (scaled) relative gradients
+        contract(Strided<T>{dq_row(g) + x0, wp}, dr, ones[0], Loads<T>{ds_rows(g, 0) + x0, wp},
+                 ScalarAt<T>{ws.rel.rows.data(), dr, 1}, k);
+        contract(Strided<T>{dq_row(g) + dr * wp + x0, wp}, dc, ones[0], Loads<T>{ds_cols(g, 0) + x0, wp},
+                 ScalarAt<T>{ws.rel.cols.data(), dc, 1}, k);
+        for (int o = 0; o < k; ++o) {
+          const Vec<T> row_sum = load(ds_rows(g, o) + x0);
+          const Vec<T> col_sum = load(ds_cols(g, o) + x0);
+          for (int d = 0; d < dr; ++d) ws.rel_grad[o * D + d] += row_sum * load(ws.q.at(i, d, x0));
+          for (int d = dr; d < D; ++d) ws.rel_grad[o * D + d] += col_sum * load(ws.q.at(i, d, x0));
+        }
+      }
+    }
+  }
+  if (shape.has_rel) {
+    for (int i = 0; i < k * D; ++i) rel_partial[i] = hsum(ws.rel_grad[i]);
+  }
+}
+
+// One task: pack the band's rows of (b, h), compute, store dQ (dK and dV stay in the halo rows).
+template <typename S, typename T>
+void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h, int t,
+                   BackwardWorkspace<T>& ws) {
+  constexpr int L = kLanes<T>;
+  const int D = shape.channels, W = shape.width;
+  const int row0 = bands.begin(t), row1 = bands.end(t);
+  const int hb = halo_begin(shape, bands, t), he = halo_end(shape, bands, t);
+  ws.q.pack(args.q.plane(b, h), row0, row1, args.scale);
+  ws.grad_out.pack(args.grad_out.plane(b, h), row0, row1, T(1));
+  ws.k.pack(args.k.plane(b, h), hb, he, T(1));
+  ws.v.pack(args.v.plane(b, h), hb, he, T(1));
+  if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h);
+  load_row_stats(shape, args, b, h, row0, row1, ws);
+  const int64_t plane = static_cast<int64_t>(b) * shape.heads + h;
+  T* halo = args.halo + (plane * args.halo_offset[bands.count()] + args.halo_offset[t]) * halo_row_size<T>(shape);
+  T* rel_partial = shape.has_rel ? args.rel_partial + (plane * bands.count() + t) * shape.kernel_size * D : nullptr;
+  backward_rows(shape, ws, row0, row1, hb, halo, rel_partial);
+  const Plane<S> dq = args.dq.plane(b, h);
+  for (int i = row0; i < row1; ++i) {
+    T* rows = ws.dq.data() + static_cast<int64_t>(i - row0) * D * ws.wp;
+    for (int x0 = 0; x0 < W; x0 += L) {
+      store_pixels(dq, i, x0, W - x0 < L ? W - x0 : L, Strided<T>{rows + x0, ws.wp}, D, args.scale);
+    }
+  }
+}
+
+// dK and dV of key row a of (b, h): the halo rows of every band that touches it, summed in band order.
+template <typename S, typename T>
+void reduce_key_row(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, const Tensor5<S>& dk,
+                    const Tensor5<S>& dv, int b, int h, int a, std::vector<T>& sum) {
+  constexpr int L = kLanes<T>;
+  const int D = shape.channels, W = shape.width, r = shape.radius();
+  const int wp = padded_width<T>(W);
+  const int64_t row_size = halo_row_size<T>(shape);
+  std::fill(sum.begin(), sum.end(), T(0));
+  const T* head = args.halo + (static_cast<int64_t>(b) * shape.heads + h) * args.halo_offset[bands.count()] * row_size;
+  for (int t = window_begin(a, r) / bands.band; t <= (window_end(a, r, shape.height) - 1) / bands.band; ++t) {
+    const T* row = head + (args.halo_offset[t] + a - halo_begin(shape, bands, t)) * row_size;
+    for (int64_t e = 0; e < row_size; ++e) sum[e] += row[e];
+  }
+  const Plane<S> dk_out = dk.plane(b, h), dv_out = dv.plane(b, h);
+  for (int x0 = 0; x0 < W; x0 += L) {
+    const int n = W - x0 < L ? W - x0 : L;
+    store_pixels(dk_out, a, x0, n, Strided<T>{sum.data() + x0, wp}, D, T(1));
+    store_pixels(dv_out, a, x0, n, Strided<T>{sum.data() + static_cast<int64_t>(D) * wp + x0, wp}, D, T(1));
+  }
+}
+
+}  // namespace sasa::cpu

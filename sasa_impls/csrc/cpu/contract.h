@@ -1,0 +1,151 @@
+// The CPU kernel's one microkernel: for up to a few rows r of operands sharing one right-hand side,
+//     out_r[u] = alpha_r * out_r[u] + sum_j left_r(j) * right(j, u),
+// every term a vector of consecutive pixels. All the FMAs of the op are this contraction with different
+// operands (forward.h and backward.h say which): logits (j = channel, u = column offset, right = the
+// key row shifted by u columns), aggregation (j = column offset, u = channel, right = the value row
+// shifted by j), the factorized relative logits (right = a broadcast table entry). Several query rows
+// against the same key row share ``right``: each of its loads then feeds several FMAs, which is what
+// keeps this load-bound loop near the FMA rate (the shifted loads are unaligned).
+//
+// Outputs go in blocks that fill most of the registers with accumulators (12 of AVX2's 16 vector
+// registers; 16 of AVX-512's 32, which leaves general registers for the 8 row pointers of the blocks of
+// two rows), the rest in one smaller block whose reduction is split into partial sums, so that at least 8 FMA
+// chains are in flight. Partial sums are added in a fixed order: the result depends on the shapes
+// only, never on the thread that runs it.
+#pragma once
+
+#include "vec.h"
+
+namespace sasa::cpu {
+
+// Vectors at a fixed stride (in elements): vector u lives at base + u * stride.
+template <typename T>
+struct Strided {
+  T* base;
+  int64_t stride;
+  Vec<T> get(int u) const { return load(base + u * stride); }
+  void set(int u, Vec<T> v) const { store(base + u * stride, v); }
+};
+
+// left(j): vectors at a fixed stride (channel j of a packed row, or weight vector j).
+template <typename T>
+struct Loads {
+  const T* base;
+  int64_t stride;
+  Vec<T> operator()(int j) const { return load(base + j * stride); }
+};
+
+// right(j, u) = the vector at base + j * j_stride + u * u_stride: a packed row shifted by a number of
+// columns (stride +1 or -1) for one channel (stride = the channel stride), or the other way round.
+template <typename T>
+struct VectorAt {
+  const T* base;
+  int64_t j_stride, u_stride;
+  Vec<T> operator()(int j, int u) const { return load(base + j * j_stride + u * u_stride); }
+};
+
+// right(j, u) = the vector at base + j * j_stride + u: a packed row shifted by u columns, channel j
+// (VectorAt with u_stride 1, known at compile time: the u offsets become constant displacements).
+template <typename T>
+struct Shifted {
+  const T* base;
+  int64_t j_stride;
+  Vec<T> operator()(int j, int u) const { return load(base + j * j_stride + u); }
+};
+
+// right(j, u) = base[j * j_stride + u * u_stride] on every lane (a relative embedding entry).
+template <typename T>
+struct ScalarAt {
+  const T* base;
+  int64_t j_stride, u_stride;
+  Vec<T> operator()(int j, int u) const { return splat(base[j * j_stride + u * u_stride]); }
+};
+
+inline constexpr int kAccumulators = kVectorBytes == 64 ? 16 : 12;
+inline constexpr int kChains = 8;
+
+template <int ROWS>
+inline constexpr int kBlockOutputs = kAccumulators / ROWS;
+
+// Outputs [u0, u0 + NOUT) of ROWS rows.
+template <typename T, int ROWS, int NOUT, class Right>
+inline __attribute__((always_inline)) void contract_block(const Strided<T>* out, const Vec<T>* alpha,
+                                                          const Loads<T>* left, const Right& right, int n, int u0) {
+  constexpr int SPLIT = ROWS * NOUT >= kChains ? 1 : (kChains + ROWS * NOUT - 1) / (ROWS * NOUT);
+  Vec<T> acc[SPLIT][ROWS][NOUT];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int u = 0; u < NOUT; ++u) {
+      acc[0][r][u] = alpha[r] * out[r].get(u0 + u);
+      for (int s = 1; s < SPLIT; ++s) acc[s][r][u] = Vec<T>{};
+    }
+  }
+  int j = 0;
+  for (; j + SPLIT <= n; j += SPLIT) {
+#pragma GCC unroll 8
+    for (int s = 0; s < SPLIT; ++s) {
+      Vec<T> l[ROWS];
+      for (int r = 0; r < ROWS; ++r) l[r] = left[r](j + s);
+#pragma GCC unroll 24
+      for (int u = 0; u < NOUT; ++u) {
+        Vec<T> x = right(j + s, u0 + u);
+        if constexpr (ROWS > 1) asm("" : "+v"(x));  // one load for all rows (GCC would fold it into each FMA)
+        for (int r = 0; r < ROWS; ++r) acc[s][r][u] += l[r] * x;
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    Vec<T> l[ROWS];
+    for (int r = 0; r < ROWS; ++r) l[r] = left[r](j);
+    for (int u = 0; u < NOUT; ++u) {
+      const Vec<T> x = right(j, u0 + u);
+      for (int r = 0; r < ROWS; ++r) acc[0][r][u] += l[r] * x;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int u = 0; u < NOUT; ++u) {
+      Vec<T> total = acc[0][r][u];
+      for (int s = 1; s < SPLIT; ++s) total += acc[s][r][u];
+      out[r].set(u0 + u, total);
+    }
+  }
+}
+
+// The last ``m`` < kBlockOutputs<ROWS> outputs, from u0: one block of exactly m outputs.
+template <typename T, int ROWS, int NOUT, class Right>
+inline void contract_rest(const Strided<T>* out, const Vec<T>* alpha, const Loads<T>* left, const Right& right, int n,
+                          int u0, int m) {
+  if constexpr (NOUT > 0) {
+    if (m == NOUT) {
+      contract_block<T, ROWS, NOUT>(out, alpha, left, right, n, u0);
+    } else {
+      contract_rest<T, ROWS, NOUT - 1>(out, alpha, left, right, n, u0, m);
+    }
+  }
+}
+
+// out_r[u] = alpha_r * out_r[u] + sum_{j < n} left_r(j) * right(j, u) for u in [0, m), r < ROWS.
+template <typename T, int ROWS, class Right>
+inline void contract(const Strided<T>* out, int m, const Vec<T>* alpha, const Loads<T>* left, const Right& right, int n) {
+  constexpr int B = kBlockOutputs<ROWS>;
+  int u = 0;
+  for (; u + B <= m; u += B) contract_block<T, ROWS, B>(out, alpha, left, right, n, u);
+  contract_rest<T, ROWS, B - 1>(out, alpha, left, right, n, u, m - u);
+}
+
+// ``rows`` (1 .. MAXROWS, known at run time) rows of operands.
+template <typename T, int MAXROWS, class Right>
+inline void contract_rows(int rows, const Strided<T>* out, int m, const Vec<T>* alpha, const Loads<T>* left,
+                          const Right& right, int n) {
+  if constexpr (MAXROWS > 1) {
+    if (rows < MAXROWS) return contract_rows<T, MAXROWS - 1>(rows, out, m, alpha, left, right, n);
+  }
+  contract<T, MAXROWS>(out, m, alpha, left, right, n);
+}
+
+// One row of operands (the relative terms).
+template <typename T, class Right>
+inline void contract(Strided<T> out, int m, Vec<T> alpha, Loads<T> left, const Right& right, int n) {
+  contract<T, 1>(&out, m, &alpha, &left, right, n);
+}
+
+}  // namespace sasa::cpu

@@ -1,0 +1,148 @@
+// Forward of the fused CPU kernel: one task = the query rows of one band of one (batch, head).
+//
+// The task walks its query rows kGroupRows at a time, packing the key/value rows the windows add and
+// the query rows (times scale) as it goes (pack.h). A query block is kLanes consecutive pixels of one
+// row, its q one vector per channel; the blocks at the same columns of a group's rows go together, so
+// each load of a key or value row feeds the FMAs of every row of the group whose window holds it
+// (contract.h). For every key row of the
+// windows: the logits of all k column offsets (D FMAs per offset, the key row loaded shifted by the
+// offset), plus the factorized relative terms and the border mask (terms.h); then an online-softmax
+// step per query row (running max m and sum l per lane, the D accumulators rescaled once per key row)
+// and the aggregation p . v (k FMAs per channel). Nothing of size k^2 per pixel is ever stored: the
+// scratch is a few k and D vectors besides the packed rows. Out of each block come y and the
+// log-sum-exp m + log(l) from which the backward recomputes the probabilities.
+#pragma once
+
+#include "terms.h"
+
+namespace sasa::cpu {
+
+inline constexpr int kGroupRows = 2;
+
+template <typename S, typename T>
+struct ForwardArgs {
+  Tensor5<const S> q, k, v;
+  const S* rel_row;  // (heads, k, Dr) contiguous, or nullptr
+  const S* rel_col;  // (heads, k, D - Dr) contiguous, or nullptr
+  T scale;
+  Tensor5<S> out;
+  T* lse;  // (B, heads, H, W) contiguous
+};
+
+// Per-thread buffers: the packed rows (a ring of the 2r + kGroupRows key and value rows one group of
+// query rows needs: memory independent of the band), per group row g k row terms, k column terms and
+// k logits, and the group's results in the accumulation type (y as [row][D][padded W], the log-sum-exp
+// as [row][padded W]) until they are stored in the caller's dtype and layout.
+template <typename T>
+struct ForwardWorkspace {
+  int wp;
+  PackedRows<T> q, k, v;
+  RelTables<T> rel;
+  VecBuffer<T> row_terms, col_terms, logits;
+  std::vector<T> y, lse;
+
+  explicit ForwardWorkspace(const Shape& s)
+      : wp(padded_width<T>(s.width)),
+        q(kGroupRows, s.channels, s.width, s.radius()),
+        k(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius()),
+        v(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius()),
+        row_terms(kGroupRows * s.kernel_size),
+        col_terms(kGroupRows * s.kernel_size),
+        logits(kGroupRows * s.kernel_size),
+        y(static_cast<size_t>(kGroupRows) * s.channels * wp),
+        lse(static_cast<size_t>(kGroupRows) * wp) {}
+};
+
+// The attention of the query rows [i0, i0 + rows), rows <= kGroupRows, from the packed rows into ws.y
+// and ws.lse. Independent of the caller's dtype (one instance per accumulation type).
+template <typename T>
+__attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace<T>& ws, int i0, int rows) {
+  constexpr int L = kLanes<T>, G = kGroupRows;
+  const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height, wp = ws.wp;
+  const int64_t cs = ws.q.channel_stride();  // the same for q, k and v
+  Vec<T> ones[G];
+  Strided<T> logits[G], acc[G];
+  Loads<T> queries[G], probs[G];
+  for (int g = 0; g < G; ++g) {
+    ones[g] = splat(T(1));
+    logits[g] = {ws.logits.data() + g * k * L, L};
+    probs[g] = {logits[g].base, L};
+  }
+  for (int x0 = 0; x0 < wp; x0 += L) {
+    Vec<T> m[G], l[G], alpha[G];
+    for (int g = 0; g < rows; ++g) {
+      queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
+      acc[g] = {ws.y.data() + static_cast<int64_t>(g) * D * wp + x0, wp};
+      block_terms(Strided<T>{ws.row_terms.data() + g * k * L, L}, Strided<T>{ws.col_terms.data() + g * k * L, L},
+                  queries[g].base, cs, shape, shape.has_rel ? &ws.rel : nullptr, x0);
+      m[g] = splat(static_cast<T>(kMaskedLogit));
+      l[g] = Vec<T>{};
+      for (int d = 0; d < D; ++d) acc[g].set(d, Vec<T>{});
+    }
+    for (int a = window_begin(i0, r); a < window_end(i0 + rows - 1, r, H); ++a) {
+      int first, last;  // the group's rows whose windows hold key row a
+      rows_within(a, i0, rows, r, first, last);
+      for (int g = first; g <= last; ++g) {
+        const Vec<T> row_term = ws.row_terms[g * k + offset_index(i0 + g, a, r)];
+        for (int c = 0; c < k; ++c) logits[g].set(c, row_term + ws.col_terms[g * k + c]);
+      }
+      contract_rows<T, G>(last - first + 1, logits + first, k, ones, queries + first,
+                          Shifted<T>{ws.k.at(a, 0, x0 - r), cs}, D);
+      for (int g = first; g <= last; ++g) {
+        Vec<T> row_max = logits[g].get(0);
+        for (int c = 1; c < k; ++c) row_max = vmax(row_max, logits[g].get(c));
+        const Vec<T> m_new = vmax(m[g], row_max);
+        alpha[g] = vexp(m[g] - m_new);
+        Vec<T> sum = Vec<T>{};
+        for (int c = 0; c < k; ++c) {
+          const Vec<T> p = vexp(logits[g].get(c) - m_new);
+          logits[g].set(c, p);
+          sum += p;
+        }
+        l[g] = l[g] * alpha[g] + sum;
+        m[g] = m_new;
+      }
+      contract_rows<T, G>(last - first + 1, acc + first, D, alpha + first, probs + first,
+                          VectorAt<T>{ws.v.at(a, 0, x0 - r), 1, cs}, k);
+    }
+    for (int g = 0; g < rows; ++g) {
+      const Vec<T> inv = ones[g] / l[g];
+      for (int d = 0; d < D; ++d) acc[g].set(d, acc[g].get(d) * inv);
+      Vec<T> lse = m[g];
+      for (int lane = 0; lane < L; ++lane) lse[lane] += std::log(l[g][lane]);
+      store(ws.lse.data() + static_cast<int64_t>(g) * wp + x0, lse);
+    }
+  }
+}
+
+// One task: the query rows [row0, row1) of (b, h), a group of rows at a time: pack the key and value
+// rows the group's windows add (each row once per task) and its query rows, compute, store y and the
+// log-sum-exp.
+template <typename S, typename T>
+void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int h, int row0, int row1,
+                  ForwardWorkspace<T>& ws) {
+  constexpr int L = kLanes<T>, G = kGroupRows;
+  const int r = shape.radius(), D = shape.channels, H = shape.height, W = shape.width;
+  if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h);
+  const Plane<S> out = args.out.plane(b, h);
+  T* lse = args.lse + (static_cast<int64_t>(b) * shape.heads + h) * H * W;
+  int packed = window_begin(row0, r);  // key rows below are packed
+  for (int i0 = row0; i0 < row1; i0 += G) {
+    const int rows = row1 - i0 < G ? row1 - i0 : G;
+    const int keys_end = window_end(i0 + rows - 1, r, H);
+    ws.k.pack(args.k.plane(b, h), packed, keys_end, T(1));
+    ws.v.pack(args.v.plane(b, h), packed, keys_end, T(1));
+    packed = keys_end;
+    ws.q.pack(args.q.plane(b, h), i0, i0 + rows, args.scale);
+    forward_rows(shape, ws, i0, rows);
+    for (int g = 0; g < rows; ++g) {
+      T* y = ws.y.data() + static_cast<int64_t>(g) * D * ws.wp;
+      for (int x0 = 0; x0 < W; x0 += L) {
+        store_pixels(out, i0 + g, x0, W - x0 < L ? W - x0 : L, Strided<T>{y + x0, ws.wp}, D, T(1));
+      }
+      std::copy_n(ws.lse.data() + static_cast<int64_t>(g) * ws.wp, W, lse + static_cast<int64_t>(i0 + g) * W);
+    }
+  }
+}
+
+}  // namespace sasa::cpu

@@ -1,0 +1,52 @@
+// The problem a CPU kernel call solves: shapes, the caller's tensors as raw pointers and strides, and
+// how the rows are cut into tasks.
+#pragma once
+
+#include <cstdint>
+
+#include "../sasa_index.h"
+#include "pack.h"
+
+namespace sasa::cpu {
+
+struct Shape {
+  int batch, heads, height, width, channels, kernel_size;
+  bool has_rel;
+  int radius() const { return kernel_size / 2; }
+  int row_channels() const { return channels / 2; }  // Dr: rows get the first D // 2 channels
+  int col_channels() const { return channels - channels / 2; }
+};
+
+// A (B, heads, H, W, D) tensor by its data pointer and strides (elements).
+template <typename S>
+struct Tensor5 {
+  S* data;
+  int64_t stride[5];
+  Plane<S> plane(int b, int h) const {
+    return {data + b * stride[0] + h * stride[1], stride[2], stride[3], stride[4]};
+  }
+};
+
+// Query rows are cut into bands of ``band`` rows; a task is one (batch, head, band). The band height is
+// a parameter of the call (never derived from the thread count), so the backward's fixed-order
+// reductions over bands give the same bits whatever the number of threads.
+struct Bands {
+  int height, band;
+  int count() const { return (height + band - 1) / band; }
+  int begin(int t) const { return t * band; }
+  int end(int t) const { return (t + 1) * band < height ? (t + 1) * band : height; }
+};
+
+// The rows of a group of ``count`` consecutive rows from ``first_row`` that lie within ``radius`` of
+// ``row``: [first, last] (empty when first > last). The query rows whose windows hold a key row, or the
+// key rows in a query row's window (the window is symmetric).
+inline void rows_within(int row, int first_row, int count, int radius, int& first, int& last) {
+  first = row - radius - first_row > 0 ? row - radius - first_row : 0;
+  last = row + radius - first_row < count - 1 ? row + radius - first_row : count - 1;
+}
+
+// Default band: at least 8 rows, and at least 2r so a band's key rows (its halo) are at most twice its
+// query rows: the backward's per-band key-gradient buffers then stay O(H W D) whatever k.
+inline int default_band(int kernel_size) { return kernel_size - 1 > 8 ? kernel_size - 1 : 8; }
+
+}  // namespace sasa::cpu

@@ -1,0 +1,175 @@
+// Torch binding of the fused CPU kernel (forward.h, backward.h): argument checks, output allocation,
+// dtype dispatch (fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64) and the parallel loops over
+// (batch, head, band) tasks on ATen's threads (parallel_for).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include "backward.h"
+#include "forward.h"
+
+namespace {
+
+using namespace sasa::cpu;
+
+template <typename S>
+using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename S>
+Tensor5<S> view5(const at::Tensor& t) {
+  return {t.data_ptr<std::remove_const_t<S>>(), {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)}};
+}
+
+Shape check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
+                         int64_t kernel_size) {
+  TORCH_CHECK(q.dim() == 5, "q: expected (B, heads, H, W, D)");
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, "kernel_size: expected an odd int >= 1");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type(),
+                "q, k, v: expected CPU tensors of one shape and dtype");
+  }
+  TORCH_CHECK(rel_row.has_value() == rel_col.has_value(), "rel_row, rel_col: give both or neither");
+  TORCH_CHECK(q.numel() < std::numeric_limits<int32_t>::max(), "q: more than 2^31 elements");
+  Shape s{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(q.size(2)),
+          static_cast<int>(q.size(3)), static_cast<int>(q.size(4)), static_cast<int>(kernel_size), rel_row.has_value()};
+  if (s.has_rel) {
+    TORCH_CHECK(rel_row->sizes() == at::IntArrayRef({s.heads, s.kernel_size, s.row_channels()}) &&
+                    rel_col->sizes() == at::IntArrayRef({s.heads, s.kernel_size, s.col_channels()}) &&
+                    rel_row->scalar_type() == q.scalar_type() && rel_col->scalar_type() == q.scalar_type(),
+                "rel_row, rel_col: expected (heads, k, D // 2) and (heads, k, D - D // 2) in q's dtype");
+  }
+  return s;
+}
+
+// fn(workspace, task) for every task in [0, tasks) on ATen's threads, one workspace per thread. Each
+// thread takes the next task from a shared counter, so a thread slowed down (by other processes, or by
+// bigger tasks) takes fewer; a task's result never depends on the thread that runs it.
+template <typename MakeWorkspace, typename Fn>
+void run_tasks(int64_t tasks, const MakeWorkspace& make_workspace, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto workspace = make_workspace();
+    for (int64_t task = next++; task < tasks; task = next++) fn(workspace, task);
+  });
+}
+
+Bands bands_of(const Shape& s, int64_t band) {
+  return {s.height, band > 0 ? static_cast<int>(band) : default_band(s.kernel_size)};
+}
+
+at::Tensor maybe_poisoned(at::Tensor t, bool poison) {
+  return poison ? t.fill_(std::numeric_limits<double>::quiet_NaN()) : t;
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
+                                int64_t kernel_size, double scale, bool poison, int64_t band) {
+  const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
+  const Bands bands = bands_of(shape, band);
+  const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
+  const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = maybe_poisoned(at::empty_like(q), poison);
+  at::Tensor lse = maybe_poisoned(at::empty({shape.batch, shape.heads, shape.height, shape.width}, q.options().dtype(acc_dtype)), poison);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sasa_native_forward", [&] {
+    using T = Acc<scalar_t>;
+    const ForwardArgs<scalar_t, T> args{view5<const scalar_t>(q), view5<const scalar_t>(k), view5<const scalar_t>(v),
+                                        shape.has_rel ? rows.data_ptr<scalar_t>() : nullptr,
+                                        shape.has_rel ? cols.data_ptr<scalar_t>() : nullptr,
+                                        static_cast<T>(scale), view5<scalar_t>(out), lse.data_ptr<T>()};
+    run_tasks(static_cast<int64_t>(shape.batch) * shape.heads * bands.count(),
+              [&] { return ForwardWorkspace<T>(shape); },
+              [&](ForwardWorkspace<T>& ws, int64_t task) {
+                const int t = task % bands.count(), bh = task / bands.count();
+                forward_task(shape, args, bh / shape.heads, bh % shape.heads, bands.begin(t), bands.end(t), ws);
+              });
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const std::optional<at::Tensor>& rel_row,
+                                 const std::optional<at::Tensor>& rel_col, const at::Tensor& out,
+                                 const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
+  const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out, out: expected q's shape");
+  const Bands bands = bands_of(shape, band);
+  const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
+  const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
+  const at::Tensor grad = grad_out.to(q.scalar_type());
+  const at::Tensor stats = lse.contiguous();
+  at::Tensor dq = maybe_poisoned(at::empty_like(q), poison);
+  at::Tensor dk = maybe_poisoned(at::empty_like(k), poison);
+  at::Tensor dv = maybe_poisoned(at::empty_like(v), poison);
+  at::Tensor drow = shape.has_rel ? maybe_poisoned(at::empty_like(rows), poison) : at::Tensor();
+  at::Tensor dcol = shape.has_rel ? maybe_poisoned(at::empty_like(cols), poison) : at::Tensor();
+  const int64_t planes = static_cast<int64_t>(shape.batch) * shape.heads;
+  const int64_t tasks = planes * bands.count();
+  std::vector<int64_t> halo_offset(bands.count() + 1, 0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sasa_native_backward", [&] {
+    using T = Acc<scalar_t>;
+    for (int t = 0; t < bands.count(); ++t)
+      halo_offset[t + 1] = halo_offset[t] + halo_end(shape, bands, t) - halo_begin(shape, bands, t);
+    const auto acc_options = q.options().dtype(stats.scalar_type());
+    at::Tensor halo = at::empty({planes * halo_offset.back() * halo_row_size<T>(shape)}, acc_options);
+    at::Tensor partial = at::empty({shape.has_rel ? tasks * shape.kernel_size * shape.channels : 0}, acc_options);
+    const BackwardArgs<scalar_t, T> args{
+        view5<const scalar_t>(q), view5<const scalar_t>(k), view5<const scalar_t>(v), view5<const scalar_t>(out),
+        view5<const scalar_t>(grad), shape.has_rel ? rows.data_ptr<scalar_t>() : nullptr,
+        shape.has_rel ? cols.data_ptr<scalar_t>() : nullptr, stats.data_ptr<T>(), static_cast<T>(scale),
+        view5<scalar_t>(dq), halo.data_ptr<T>(), halo_offset.data(), partial.data_ptr<T>()};
+    run_tasks(tasks, [&] { return BackwardWorkspace<T>(shape, bands.band); },
+              [&](BackwardWorkspace<T>& ws, int64_t task) {
+                const int bh = task / bands.count();
+                backward_task(shape, bands, args, bh / shape.heads, bh % shape.heads, task % bands.count(), ws);
+              });
+    const Tensor5<scalar_t> dk5 = view5<scalar_t>(dk), dv5 = view5<scalar_t>(dv);
+    run_tasks(planes * shape.height, [&] { return std::vector<T>(halo_row_size<T>(shape)); },
+              [&](std::vector<T>& sum, int64_t row) {
+                const int bh = row / shape.height;
+                reduce_key_row(shape, bands, args, dk5, dv5, bh / shape.heads, bh % shape.heads, row % shape.height, sum);
+              });
+    if (shape.has_rel) {  // sum the per-task relative gradients over batch and bands, in task order
+      const int kd = shape.kernel_size * shape.channels, dr = shape.row_channels(), dc = shape.col_channels();
+      const T* parts = partial.data_ptr<T>();
+      scalar_t* drow_p = drow.data_ptr<scalar_t>();
+      scalar_t* dcol_p = dcol.data_ptr<scalar_t>();
+      std::vector<T> sum(kd);
+      for (int h = 0; h < shape.heads; ++h) {
+        std::fill(sum.begin(), sum.end(), T(0));
+        for (int b = 0; b < shape.batch; ++b)
+          for (int t = 0; t < bands.count(); ++t) {
+            const T* part = parts + ((static_cast<int64_t>(b) * shape.heads + h) * bands.count() + t) * kd;
+            for (int e = 0; e < kd; ++e) sum[e] += part[e];
+          }
+        for (int o = 0; o < shape.kernel_size; ++o) {
+          for (int d = 0; d < dr; ++d) drow_p[(h * shape.kernel_size + o) * dr + d] = static_cast<scalar_t>(sum[o * shape.channels + d]);
+          for (int d = 0; d < dc; ++d) dcol_p[(h * shape.kernel_size + o) * dc + d] = static_cast<scalar_t>(sum[o * shape.channels + dr + d]);
+        }
+      }
+    }
+  });
+  if (shape.has_rel) return {dq, dk, dv, drow, dcol};
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused SASA local attention on the CPU (sasa_impls.impls.native)";
+  m.def("forward", &forward, "out, lse = forward(q, k, v, rel_row, rel_col, kernel_size, scale, poison, band)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward,
+        "dq, dk, dv[, drel_row, drel_col] = backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, "
+        "scale, poison, band)",
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,140 @@
+"""Native: a PyTorch C++/CUDA extension, one fused kernel per device, forward and backward (issue 11).
+
+The op is the local self-attention of SASA (Ramachandran et al., "Stand-Alone Self-Attention in Vision
+Models", NeurIPS 2019) with the contract's masked borders and factorized relative logits.
+
+CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native),
+parallel over (batch, head, row band) tasks on ATen's threads. Per query block (a vector of consecutive
+pixels of one row; two rows at a time) it walks the key rows of the window with an online softmax,
+computing the logits of all k column offsets from shifted loads of a packed key row; relative logits
+are factorized (k D MACs per pixel); nothing of size k^2 per pixel is stored (memory O(HW C); the
+forward's scratch does not grow with the band). The backward recomputes the probabilities from the
+saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise independent
+of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle
+tolerances). Status: measured on an AVX2 machine (AMD EPYC, 2 threads): the fastest attention on the
+CPU at every benchmark shape, SASA2d(128, 128, k=19) forward within about 2x of a k = 3 convolution;
+the AVX-512 build is compiled but was not timed.
+
+CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
+accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
+and spill counts) but were written without a GPU to run them: scripts/gpu_benchmark.py and the GPU tests
+of tests/test_native.py validate them where a GPU exists.
+
+Inputs may have any strides: inside SASA2d q, k, v are channel-major views, which the CPU kernel reads
+without a copy, and the output keeps q's memory format (``empty_like``), so the layer's head merge needs
+no copy either. The CUDA kernels take contiguous (B, heads, H, W, D) tensors (copied here if needed).
+The extensions are compiled on first use (``_native_build``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..registry import AttentionSpec, Impl, Option, positive_int, register
+from ._native_build import cpu_extension, cuda_extension, native_available
+
+# Head dims the CUDA kernels take (channels padded to a power of two, 8 threads' worth each).
+CUDA_MAX_HEAD_DIM = 256
+
+# Validation aid (tests, scripts/gpu_benchmark.py): when True every output and gradient buffer is filled
+# with NaN before the kernels write it, so an element a kernel forgets shows up instead of hiding behind
+# stale memory.
+POISON_OUTPUTS = False
+
+
+def check_band(band: object) -> int:
+    """The CPU band height: a positive int (query rows per task; text such as "8" too)."""
+    try:
+        return positive_int(band)
+    except ValueError:
+        raise ValueError(f"band: expected a positive int (query rows per CPU task), got {band!r}") from None
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Within: every output and gradient buffer is filled with NaN before the kernels write it."""
+    global POISON_OUTPUTS
+    POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        POISON_OUTPUTS = False
+
+
+def native_limits(spec: AttentionSpec) -> tuple[bool, str]:
+    """The CUDA kernels take head dims up to CUDA_MAX_HEAD_DIM; the CPU kernel any shape."""
+    if spec.device.type == "cuda" and spec.head_dim > CUDA_MAX_HEAD_DIM:
+        return False, f"takes head dims up to {CUDA_MAX_HEAD_DIM} on CUDA, got {spec.head_dim}"
+    return True, ""
+
+
+def _run(name: str, device: torch.device, band: int, *args):
+    """Call ``name`` of the extension of ``device``'s type: the CPU one also gets the band height, the
+    CUDA one the current stream."""
+    if device.type == "cuda":
+        return getattr(cuda_extension(), name)(*args, torch.cuda.current_stream(device).cuda_stream)
+    return getattr(cpu_extension(), name)(*args, band)
+
+
+def _prepare(device: torch.device, *tensors):
+    """CUDA kernels read contiguous tensors; the CPU kernel reads any strides."""
+    if device.type == "cuda":
+        return tuple(t.contiguous() if t is not None else None for t in tensors)
+    return tensors
+
+
+class _NativeSASA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, scale, band):
+        q, k, v, rel_row, rel_col = _prepare(q.device, q, k, v, rel_row, rel_col)
+        out, lse = _run("forward", q.device, band, q, k, v, rel_row, rel_col, kernel_size, scale, POISON_OUTPUTS)
+        ctx.save_for_backward(q, k, v, rel_row, rel_col, out, lse)
+        ctx.config = (kernel_size, scale, band)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, rel_row, rel_col, out, lse = ctx.saved_tensors
+        kernel_size, scale, band = ctx.config
+        (grad_out,) = _prepare(q.device, grad_out)
+        grads = _run("backward", q.device, band, grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, scale,
+                     POISON_OUTPUTS)
+        if rel_row is None:
+            grads = (*grads, None, None)
+        return (*grads, None, None, None)
+
+
+def native_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_row: Optional[torch.Tensor],
+    rel_col: Optional[torch.Tensor],
+    kernel_size: int,
+    scale: float = 1.0,
+    band: Optional[int] = None,
+) -> torch.Tensor:
+    """Fused SASA with the native kernels, forward and backward (arguments as ``local_attention``).
+    ``band``: query rows per CPU task (default max(8, k - 1); 0 to the extension); the gradients' bits
+    depend on it, never on the thread count. CUDA tiles are fixed per head dim (csrc/cuda/plan.h)."""
+    band = 0 if band is None else check_band(band)
+    return _NativeSASA.apply(q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
+
+
+register(
+    Impl(
+        name="native",
+        forward=native_attention,
+        description="C++/CUDA extension: fused vectorized CPU kernel and CUDA kernel, online softmax, "
+        "factorized relative logits, fwd + bwd",
+        check=native_available,
+        limits=native_limits,
+        auto_priority={"cpu": 0, "cuda": 5},
+        options={"band": Option(check_band, "query rows per CPU task, default max(8, k - 1)")},
+        poisoned=poisoned_outputs,
+    )
+)
