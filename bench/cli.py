@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # the subcommands, in the order `sasa-bench --help` lists them (module names under bench/commands/)
-COMMANDS = ("list_impls", "env", "run", "report", "claim", "compare", "models")
+COMMANDS = ("list_impls", "env", "peak", "run", "report", "claim", "compare", "models")
 
 
 class UsageError(ValueError):

@@ -123,6 +123,15 @@ def time_call(fn: Callable[[], object], device: str | torch.device = "cpu", sett
     return time_cpu(fn, settings)
 
 
+def matmul_gflops(size: int = 4096, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  settings: TimerSettings = TimerSettings()) -> float:
+    """Achieved GFLOP/s of a large ``size`` x ``size`` matrix product (2 size^3 FLOP) on random inputs: what
+    this machine's BLAS reaches, the practical peak that measured implementations are compared with."""
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    timing = time_call(lambda: torch.mm(a, b), device, settings)
+    return 2.0 * size**3 / (timing.median_ms * 1e-3) / 1e9
+
+
 def proc_status_kib(field: str) -> int | None:
     """A ``Vm*`` field of /proc/self/status in KiB (None where there is no /proc)."""
     try:

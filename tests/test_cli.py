@@ -63,3 +63,11 @@ def test_run_writes_rows_and_prints_a_table(tmp_path):
     again = cli("run", "--impl", "unfold,conv", "--k", "3", "--channels", "8", "--heads", "2", "--res", "8",
                 "--direction", "fwd", "--threads", "1", "--out", str(tmp_path), "--name", "t", "--resume")
     assert again.returncode == 0 and "2 finished case(s)" in again.stderr and "0 row(s) appended" in again.stdout
+
+
+@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"), (["--size", "0"], "--size"),
+                                        (["--dtype", "float8"], "--dtype")])
+def test_bad_peak_input_is_one_line(argv, flag, capsys, tmp_path):
+    assert main(["peak", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and not any(tmp_path.iterdir())

@@ -51,7 +51,28 @@ def test_gflops_and_peak_fraction_follow_the_convention(frame):
     assert row.gflops == pytest.approx(expected)
     table = group_table(group(frame, "h100-sxm", "fwd+bwd"), TABLES["peak_fraction"])
     assert f"{100 * expected * 1e9 / 989e12:.3g}" in table  # H100 SXM bf16 dense peak
-    assert group_table(group(frame, "ci-cpu"), TABLES["peak_fraction"]) is None  # no peak known for CPUs
+    assert group_table(group(frame, "ci-cpu"), TABLES["peak_fraction"]) is None  # no CPU peak measured there
+
+
+def test_cpu_fraction_of_peak_uses_the_measured_sgemm_peak(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURES, results)
+    assert main(["peak", "--out", str(results), "--size", "256", "--threads", "1"]) == 0
+    assert "GFLOP/s" in capsys.readouterr().out
+    peaks = json.loads(next(results.rglob("peak.json")).read_text())
+    gflops = peaks["float32"]["1"]["gflops"]
+    assert gflops > 0
+    machine = next(results.rglob("peak.json")).parent.name
+    for row in read_rows([FIXTURES / "ci-cpu"]):  # the fixture's CPU rows as this machine's, one thread
+        append_row(results / machine / "mine.jsonl", {**row, "machine": machine, "threads": 1})
+    frame = load([results])
+    mine = frame[(frame.machine == machine) & (frame.status == "ok")]
+    assert len(mine) and (mine.peak_flops == gflops * 1e9).all()
+    table = group_table(mine[mine.direction == "fwd"], TABLES["peak_fraction"])
+    row = mine[mine.direction == "fwd"].iloc[0]
+    assert f"{100 * row.gflops / gflops:.3g}" in table
+    other = frame[frame.machine == "ci-cpu"]
+    assert other.peak_flops.isna().all()  # ci-cpu has no peak file
 
 
 def test_tables_show_status_words_and_speedups(frame):
@@ -197,7 +218,7 @@ def test_report_writes_index_tables_and_plots(tmp_path, capsys):
     readme = one_space((out / "README.md").read_text())
     for text in ("## Machines", "| ci-cpu | cpu |", "NVIDIA H100 80GB HBM3", "a715cfd8ad", "2026-11-24",
                  "## h100-sxm: NVIDIA H100 80GB HBM3, bfloat16, fwd+bwd", "**Peak memory** (MiB)",
-                 "Fraction of the GPU's peak FLOP/s", "**oom**", "## Models: ci-cpu", "resnet26-attn",
+                 "Fraction of peak FLOP/s (GPU: published", "**oom**", "## Models: ci-cpu", "resnet26-attn",
                  "latencies are noisy (IQR above 10% of the median)"):
         assert text in readme, text
     images = re.findall(r"\]\(([^)]+\.png)\)", readme)

@@ -22,9 +22,10 @@ memory), `timeout`, `error`, `incorrect` (output did not match the reference, so
 labelled with the status, in a shaded band above every curve. A latency marked (noisy) has an IQR above 10%
 of its median; each latency table says how many were. Throughput = 2 x analytic MACs x (1 for fwd, 3 for
 fwd+bwd) / median latency; the analytic MACs count the relative logits per key for `unfold` and factorized
-for the others (see docs/design.md). Fraction of peak and the roofline use the GPU's published dense peak
-(bench/report/peaks.py); the roofline's arithmetic intensity counts compulsory traffic only (input, output
-and weights moved once per pass)."""
+for the others (see docs/design.md). Fraction of peak: on GPUs of the published dense peak, on CPUs of the
+GFLOP/s of a large matrix product measured on that machine at the same thread count (`sasa-bench peak`;
+bench/report/peaks.py). The roofline (GPUs) counts compulsory traffic only (input, output and weights moved
+once per pass)."""
 
 
 def write_report(frame: pd.DataFrame, out_dir: str | os.PathLike, sources: Iterable[str | os.PathLike] = ()) -> Path:

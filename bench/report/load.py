@@ -1,7 +1,7 @@
 """Result rows as a pandas DataFrame, one row per measured case, with the derived columns reports use.
 
 Columns are the row schema's (bench/schema.py, every field present), plus ``source`` (the file),
-``device_name`` and ``series`` (bench.schema.series: the implementation variant a table column or a plot
+``device_name``, ``peak_flops`` (what a fraction of peak divides by) and ``series`` (bench.schema.series: the implementation variant a table column or a plot
 line is labelled with, so variants of one implementation never share a cell).
 """
 from __future__ import annotations
@@ -14,14 +14,17 @@ import pandas as pd
 from bench.schema import CASE_FIELDS, FIELDS, Status, series
 from bench.store import read_rows
 
+from .peaks import measured_peaks, row_peak
+
 CASE_COLUMNS = CASE_FIELDS  # impl k channels heads res batch dtype device direction level relative impl_options
 GROUP_COLUMNS = ("machine", "device", "dtype", "direction", "level")  # one set of tables per group
 SWEEP_COLUMNS = ("k", "channels", "heads", "res", "batch")  # the case variables inside a group
 BASELINE_IMPL = "unfold"
 
 
-def rows_frame(rows: Iterable[dict], latest: bool = True) -> pd.DataFrame:
-    """Normalized rows -> DataFrame with every schema column plus the derived ones.
+def rows_frame(rows: Iterable[dict], latest: bool = True, measured: dict | None = None) -> pd.DataFrame:
+    """Normalized rows -> DataFrame with every schema column plus the derived ones, ``peak_flops`` included
+    (GPUs: published; CPUs: ``measured`` peaks, bench.report.peaks.measured_peaks).
 
     ``latest`` keeps only the newest row (by timestamp) per machine and case: a rerun replaces an
     older measurement of the same case on the same machine.
@@ -39,13 +42,16 @@ def rows_frame(rows: Iterable[dict], latest: bool = True) -> pd.DataFrame:
     records = frame.to_dict("records")
     frame["device_name"] = [device_name(row) for row in records]
     frame["series"] = [series(row) for row in records]
+    frame["peak_flops"] = [row_peak(row, measured or {}) for row in frame.to_dict("records")]
     return frame
 
 
 def load(paths: Iterable[str | os.PathLike], latest: bool = True, problems: list[str] | None = None) -> pd.DataFrame:
-    """Every row under ``paths`` (result files or folders) as a frame (see :func:`rows_frame`); lines that
-    are not rows go to ``problems`` (bench.store.read_rows)."""
-    return rows_frame(read_rows(paths, problems), latest=latest)
+    """Every row under ``paths`` (result files or folders) as a frame (see :func:`rows_frame`), with the peak
+    FLOP/s each row is compared with (``peak_flops``: bench.report.peaks); lines that are not rows go to
+    ``problems`` (bench.store.read_rows)."""
+    paths = list(paths)
+    return rows_frame(read_rows(paths, problems), latest=latest, measured=measured_peaks(paths))
 
 
 def is_ok(row: dict) -> bool:

@@ -7,7 +7,7 @@ from typing import Callable
 from bench.schema import DIRECTION_PASSES
 
 from .load import as_number, is_ok
-from .peaks import element_size, peak_flops
+from .peaks import element_size
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ def _scaled(column: str, scale: float) -> Callable[[dict], float | None]:
 
 
 def peak_fraction(row: dict) -> float | None:
-    """Achieved / peak FLOP/s in percent, on GPUs whose peak is known (see peaks.py)."""
-    peak = peak_flops(row.get("device_name"), row.get("dtype")) if str(row.get("device", "")).startswith("cuda") else None
+    """Achieved / peak FLOP/s in percent, where the row's peak is known (``peak_flops``: see peaks.py)."""
+    peak = as_number(row.get("peak_flops"))
     gflops = as_number(row.get("gflops"))
     return None if peak is None or gflops is None else 100.0 * gflops * 1e9 / peak
 

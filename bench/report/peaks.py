@@ -1,11 +1,17 @@
-"""Published peak throughput of known GPUs (dense, no sparsity), for the fraction-of-peak columns and rooflines.
+"""Peak throughput for the fraction-of-peak columns and rooflines: published for known GPUs, measured for CPUs.
 
-fp32 is the non-tensor-core rate (PyTorch does not use TF32 for fp32 matmuls unless asked); fp16 and
+GPUs (dense, no sparsity): fp32 is the non-tensor-core rate (the suite measures with TF32 off); fp16 and
 bf16 are the dense tensor-core rates. Names are matched as substrings of the NVML name, first match wins.
+CPUs: the GFLOP/s of a large matrix product measured by `sasa-bench peak` on the machine itself, per dtype
+and thread count, in ``<results>/<machine>/peak.json``.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -49,3 +55,28 @@ def peak_flops(gpu_name: str | None, dtype) -> float | None:
     """Peak FLOP/s of ``gpu_name`` in ``dtype``, or None when either is unknown."""
     peak = gpu_peak(gpu_name)
     return peak.flops.get(dtype_name(dtype)) if peak else None
+
+
+PEAK_FILE = "peak.json"
+
+
+def measured_peaks(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, str, int], float]:
+    """(machine, dtype, threads) -> FLOP/s from every ``<machine>/peak.json`` under the result folders ``paths``."""
+    found = {}
+    for folder in (Path(p) for p in paths):
+        for path in sorted(folder.rglob(PEAK_FILE)) if folder.is_dir() else []:
+            for dtype, by_threads in json.loads(path.read_text()).items():
+                for threads, entry in by_threads.items():
+                    found[path.parent.name, dtype, int(threads)] = entry["gflops"] * 1e9
+    return found
+
+
+def row_peak(row: dict, measured: dict[tuple[str, str, int], float]) -> float | None:
+    """The peak FLOP/s a row is compared with: its GPU's published one, or its CPU's measured one (same threads)."""
+    if str(row.get("device", "")).startswith("cuda"):
+        return peak_flops(row.get("device_name"), row.get("dtype"))
+    try:
+        threads = int(row.get("threads"))
+    except (TypeError, ValueError):  # missing (None, NaN)
+        return None
+    return measured.get((row.get("machine"), dtype_name(row.get("dtype")), threads))

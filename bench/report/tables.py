@@ -108,7 +108,7 @@ TABLES: dict[str, TableSpec] = {
     "speedup": TableSpec(f"Speed-up over {BASELINE_IMPL} (higher is faster)", "×", speedup_cell,
                          lambda impls: [i for i in impls if i != BASELINE_IMPL]),
     "gflops": TableSpec("Achieved throughput, 2 × analytic MACs × passes / latency", "GFLOP/s", metric_cell(METRICS["gflops"])),
-    "peak_fraction": TableSpec("Fraction of the GPU's peak FLOP/s", "%", metric_cell(METRICS["peak_fraction"]),
+    "peak_fraction": TableSpec("Fraction of peak FLOP/s (GPU: published dense peak; CPU: measured sgemm, `sasa-bench peak`)", "%", metric_cell(METRICS["peak_fraction"]),
                                shown=lambda rows: any(METRICS["peak_fraction"].of(r) is not None for r in rows)),
 }
 
