@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up (if needed), measure this CPU's peak (a large sgemm, for the fraction-of-peak columns),
+# The main job: set up (if needed), measure this CPU's peak (the best of a few sgemm sizes, for the fraction-of-peak columns),
 # run the default sweep (preset `quick`) on this machine, resuming where an earlier run stopped, then
 # regenerate reports/ from everything under results/.
 set -euo pipefail

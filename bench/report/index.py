@@ -23,8 +23,8 @@ labelled with the status, in a shaded band above every curve. A latency marked (
 of its median; each latency table says how many were. Throughput = 2 x analytic MACs x (1 for fwd, 3 for
 fwd+bwd) / median latency; the analytic MACs count the relative logits per key for `unfold` and factorized
 for the others (see docs/design.md). Fraction of peak: on GPUs of the published dense peak, on CPUs of the
-GFLOP/s of a large matrix product measured on that machine at the same thread count (`sasa-bench peak`;
-bench/report/peaks.py). The roofline (GPUs) counts compulsory traffic only (input, output and weights moved
+best GFLOP/s of square matrix products (512 to 4096) measured on that machine at the same thread count
+(`sasa-bench peak`; bench/report/peaks.py); oneDNN's convolutions can exceed it (above 100%). The roofline (GPUs) counts compulsory traffic only (input, output and weights moved
 once per pass)."""
 
 

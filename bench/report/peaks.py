@@ -2,7 +2,7 @@
 
 GPUs (dense, no sparsity): fp32 is the non-tensor-core rate (the suite measures with TF32 off); fp16 and
 bf16 are the dense tensor-core rates. Names are matched as substrings of the NVML name, first match wins.
-CPUs: the GFLOP/s of a large matrix product measured by `sasa-bench peak` on the machine itself, per dtype
+CPUs: the best GFLOP/s of square matrix products (several sizes) measured by `sasa-bench peak` on the machine itself, per dtype
 and thread count, in ``<results>/<machine>/peak.json``.
 """
 from __future__ import annotations

@@ -11,9 +11,10 @@ are factorized (k D MACs per pixel); nothing of size k^2 per pixel is stored (me
 forward's scratch does not grow with the band). The backward recomputes the probabilities from the
 saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise independent
 of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle
-tolerances). Status: measured on an AVX2 machine (AMD EPYC, 2 threads): the fastest attention on the
-CPU at every benchmark shape, SASA2d(128, 128, k=19) forward within about 2x of a k = 3 convolution;
-the AVX-512 build is compiled but was not timed.
+tolerances). Status: measured on an AVX2 machine (AMD EPYC, 2 threads, README "What the committed
+results say"): the fastest attention on the CPU at every benchmark shape, SASA2d(128, 128, k=19) forward
+2.9x a k = 3 convolution, 27-33% of the machine's sgemm peak; the AVX-512 build compiles (-march=native)
+but was not timed.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
