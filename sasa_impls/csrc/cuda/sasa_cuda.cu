@@ -186,6 +186,24 @@ __device__ void load_chunk(float* dst, const T* image, const Geometry& g, int a0
   }
 }
 
+// Walk the tile's halo in chunks of at most chunk_rows x chunk_cols pixels: between two barriers
+// stage(a0, rows, b0, cols) copies the chunk of pixels [a0, a0 + rows) x [b0, b0 + cols) into shared
+// memory, then visit(a0, rows, b0, cols) reads it (every thread of the block takes part in both).
+template <int DPAD, typename Stage, typename Visit>
+__device__ __forceinline__ void for_each_halo_chunk(const Tile<DPAD>& t, const Geometry& g, Stage stage, Visit visit) {
+  const int hr1 = t.halo_row1(g), hc1 = t.halo_col1(g);
+  for (int a0 = t.halo_row0(g); a0 < hr1; a0 += g.chunk_rows) {
+    const int rows = min(g.chunk_rows, hr1 - a0);
+    for (int b0 = t.halo_col0(g); b0 < hc1; b0 += g.chunk_cols) {
+      const int cols = min(g.chunk_cols, hc1 - b0);
+      __syncthreads();
+      stage(a0, rows, b0, cols);
+      __syncthreads();
+      visit(a0, rows, b0, cols);
+    }
+  }
+}
+
 // Column terms q . rel_col[c] (base-2 units) of this pixel into terms[c * kPixels + pixel].
 template <typename T, int DPAD>
 __device__ void column_terms(float* terms, const float (&q)[kSlice], const T* rel_col, int head, const Geometry& g,
@@ -230,35 +248,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   column_terms(col_terms, qv, rel_col, head, g, t, mask);
   float m = -INFINITY, l = 0.f, acc[kSlice] = {};
 
-  const int hr1 = t.halo_row1(g), hc1 = t.halo_col1(g);
-  for (int a0 = t.halo_row0(g); a0 < hr1; a0 += g.chunk_rows) {
-    const int rows = min(g.chunk_rows, hr1 - a0);
-    for (int b0 = t.halo_col0(g); b0 < hc1; b0 += g.chunk_cols) {
-      const int cols = min(g.chunk_cols, hc1 - b0);
-      __syncthreads();
-      load_chunk<T, DPAD>(keys, k + image * g.channels, g, a0, rows, b0, cols, 1.f);
-      load_chunk<T, DPAD>(values, v + image * g.channels, g, a0, rows, b0, cols, 1.f);
-      __syncthreads();
-      for (int a = t.row_begin(g, a0); a < t.row_end(g, a0 + rows); ++a) {
-        const float rt = row_term(qv, rel_row, head, offset_index(t.i, a, r), g, t, mask);
-        for (int b = t.col_begin(g, b0); b < t.col_end(g, b0 + cols); ++b) {
-          const int p = ((a - a0) * cols + b - b0) * C::kStride + t.d0;
-          const float s = group_sum<C::kGroup>(dot_slice(qv, keys + p), mask) + rt +
-                          col_terms[offset_index(t.j, b, r) * C::kPixels + t.pixel];
-          if (s > m) {  // online softmax: rescale when the running max grows
-            const float correction = exp2f(m - s);
-            l *= correction;
+  const auto stage_keys_values = [&](int a0, int rows, int b0, int cols) {
+    load_chunk<T, DPAD>(keys, k + image * g.channels, g, a0, rows, b0, cols, 1.f);
+    load_chunk<T, DPAD>(values, v + image * g.channels, g, a0, rows, b0, cols, 1.f);
+  };
+  for_each_halo_chunk(t, g, stage_keys_values, [&](int a0, int rows, int b0, int cols) {
+    for (int a = t.row_begin(g, a0); a < t.row_end(g, a0 + rows); ++a) {
+      const float rt = row_term(qv, rel_row, head, offset_index(t.i, a, r), g, t, mask);
+      for (int b = t.col_begin(g, b0); b < t.col_end(g, b0 + cols); ++b) {
+        const int p = ((a - a0) * cols + b - b0) * C::kStride + t.d0;
+        const float s = group_sum<C::kGroup>(dot_slice(qv, keys + p), mask) + rt +
+                        col_terms[offset_index(t.j, b, r) * C::kPixels + t.pixel];
+        if (s > m) {  // online softmax: rescale when the running max grows
+          const float correction = exp2f(m - s);
+          l *= correction;
 #pragma unroll
-            for (int e = 0; e < kSlice; ++e) acc[e] *= correction;
-            m = s;
-          }
-          const float prob = exp2f(s - m);
-          l += prob;
-          axpy_slice(acc, prob, values + p);
+          for (int e = 0; e < kSlice; ++e) acc[e] *= correction;
+          m = s;
         }
+        const float prob = exp2f(s - m);
+        l += prob;
+        axpy_slice(acc, prob, values + p);
       }
     }
-  }
+  });
   if (!t.valid) return;
   const int64_t pix = image + t.offset(g);
   const float inv = 1.f / l;
@@ -313,33 +326,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (t.valid && t.lane == 0) scratch.delta[pix] = delta;
   float acc[kSlice] = {};
 
-  const int hr1 = t.halo_row1(g), hc1 = t.halo_col1(g);
-  for (int a0 = t.halo_row0(g); a0 < hr1; a0 += g.chunk_rows) {
-    const int rows = min(g.chunk_rows, hr1 - a0);
-    for (int b0 = t.halo_col0(g); b0 < hc1; b0 += g.chunk_cols) {
-      const int cols = min(g.chunk_cols, hc1 - b0);
-      __syncthreads();
-      load_chunk<T, DPAD>(keys, k + image * g.channels, g, a0, rows, b0, cols, 1.f);
-      load_chunk<T, DPAD>(values, v + image * g.channels, g, a0, rows, b0, cols, 1.f);
-      __syncthreads();
-      for (int a = t.row_begin(g, a0); a < t.row_end(g, a0 + rows); ++a) {
-        const int o = offset_index(t.i, a, r);
-        const float rt = row_term(qv, rel_row, head, o, g, t, mask);
-        float row_sum = 0.f;
-        for (int b = t.col_begin(g, b0); b < t.col_end(g, b0 + cols); ++b) {
-          const int p = ((a - a0) * cols + b - b0) * C::kStride + t.d0;
-          const int c = offset_index(t.j, b, r);
-          const float s = group_sum<C::kGroup>(dot_slice(qv, keys + p), mask) + rt + col_terms[c * C::kPixels + t.pixel];
-          const float prob = exp2f(s - lse2);
-          const float ds = prob * (group_sum<C::kGroup>(dot_slice(gv, values + p), mask) - delta);
-          axpy_slice(acc, ds, keys + p);
-          row_sum += ds;
-          if (t.lane == 0) ds_cols[c * C::kPixels + t.pixel] += ds;
-        }
-        if (t.lane == 0) ds_rows[o * C::kPixels + t.pixel] += row_sum;
+  const auto stage_keys_values = [&](int a0, int rows, int b0, int cols) {
+    load_chunk<T, DPAD>(keys, k + image * g.channels, g, a0, rows, b0, cols, 1.f);
+    load_chunk<T, DPAD>(values, v + image * g.channels, g, a0, rows, b0, cols, 1.f);
+  };
+  for_each_halo_chunk(t, g, stage_keys_values, [&](int a0, int rows, int b0, int cols) {
+    for (int a = t.row_begin(g, a0); a < t.row_end(g, a0 + rows); ++a) {
+      const int o = offset_index(t.i, a, r);
+      const float rt = row_term(qv, rel_row, head, o, g, t, mask);
+      float row_sum = 0.f;
+      for (int b = t.col_begin(g, b0); b < t.col_end(g, b0 + cols); ++b) {
+        const int p = ((a - a0) * cols + b - b0) * C::kStride + t.d0;
+        const int c = offset_index(t.j, b, r);
+        const float s = group_sum<C::kGroup>(dot_slice(qv, keys + p), mask) + rt + col_terms[c * C::kPixels + t.pixel];
+        const float prob = exp2f(s - lse2);
+        const float ds = prob * (group_sum<C::kGroup>(dot_slice(gv, values + p), mask) - delta);
+        axpy_slice(acc, ds, keys + p);
+        row_sum += ds;
+        if (t.lane == 0) ds_cols[c * C::kPixels + t.pixel] += ds;
       }
+      if (t.lane == 0) ds_rows[o * C::kPixels + t.pixel] += row_sum;
     }
-  }
+  });
   __syncwarp(mask);  // the group's lane 0 wrote its dS sums
   if (!t.valid) return;
   if (rel_row != nullptr) {  // dQ's relative part: sum_o dS_rows[o] rel_row[o] + sum_c dS_cols[c] rel_col[c]
@@ -391,39 +399,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   load_slice(kv, k + pix * g.channels, t.d0, g, 1.f);
   load_slice(vv, v + pix * g.channels, t.d0, g, 1.f);
 
-  const int hr1 = t.halo_row1(g), hc1 = t.halo_col1(g);
-  for (int a0 = t.halo_row0(g); a0 < hr1; a0 += g.chunk_rows) {
-    const int rows = min(g.chunk_rows, hr1 - a0);
-    for (int b0 = t.halo_col0(g); b0 < hc1; b0 += g.chunk_cols) {
-      const int cols = min(g.chunk_cols, hc1 - b0);
-      __syncthreads();
-      load_chunk<T, DPAD>(queries, q + image * g.channels, g, a0, rows, b0, cols, g.q_scale);
-      load_chunk<T, DPAD>(grads, grad_out + image * g.channels, g, a0, rows, b0, cols, 1.f);
-      for (int idx = threadIdx.x; idx < rows * cols * ns; idx += kThreads) {
-        const int p = idx / ns, f = idx % ns;
-        const int64_t src = image + static_cast<int64_t>(a0 + p / cols) * g.width + b0 + p % cols;
-        stats[idx] = f == 0 ? lse[src] * kLog2e
-                     : f == 1 ? scratch.delta[src]
-                     : f < 2 + kk ? scratch.row_terms[src * kk + f - 2]
-                                  : scratch.col_terms[src * kk + f - 2 - kk];
-      }
-      __syncthreads();
-      for (int i = t.row_begin(g, a0); i < t.row_end(g, a0 + rows); ++i) {
-        const int o = offset_index(i, t.i, r);  // this key's row offset in the window of query row i
-        for (int j = t.col_begin(g, b0); j < t.col_end(g, b0 + cols); ++j) {
-          const int p = (i - a0) * cols + j - b0;
-          const float* st = stats + p * ns;
-          const float* qp = queries + p * C::kStride + t.d0;
-          const float* gp = grads + p * C::kStride + t.d0;
-          const float s = group_sum<C::kGroup>(dot_slice(kv, qp), mask) + st[2 + o] + st[2 + kk + offset_index(j, t.j, r)];
-          const float prob = exp2f(s - st[0]);
-          const float ds = prob * (group_sum<C::kGroup>(dot_slice(vv, gp), mask) - st[1]);
-          axpy_slice(dvv, prob, gp);
-          axpy_slice(dkv, ds, qp);
-        }
+  const auto stage_queries_grads = [&](int a0, int rows, int b0, int cols) {
+    load_chunk<T, DPAD>(queries, q + image * g.channels, g, a0, rows, b0, cols, g.q_scale);
+    load_chunk<T, DPAD>(grads, grad_out + image * g.channels, g, a0, rows, b0, cols, 1.f);
+    for (int idx = threadIdx.x; idx < rows * cols * ns; idx += kThreads) {
+      const int p = idx / ns, f = idx % ns;
+      const int64_t src = image + static_cast<int64_t>(a0 + p / cols) * g.width + b0 + p % cols;
+      stats[idx] = f == 0 ? lse[src] * kLog2e
+                   : f == 1 ? scratch.delta[src]
+                   : f < 2 + kk ? scratch.row_terms[src * kk + f - 2]
+                                : scratch.col_terms[src * kk + f - 2 - kk];
+    }
+  };
+  for_each_halo_chunk(t, g, stage_queries_grads, [&](int a0, int rows, int b0, int cols) {
+    for (int i = t.row_begin(g, a0); i < t.row_end(g, a0 + rows); ++i) {
+      const int o = offset_index(i, t.i, r);  // this key's row offset in the window of query row i
+      for (int j = t.col_begin(g, b0); j < t.col_end(g, b0 + cols); ++j) {
+        const int p = (i - a0) * cols + j - b0;
+        const float* st = stats + p * ns;
+        const float* qp = queries + p * C::kStride + t.d0;
+        const float* gp = grads + p * C::kStride + t.d0;
+        const float s = group_sum<C::kGroup>(dot_slice(kv, qp), mask) + st[2 + o] + st[2 + kk + offset_index(j, t.j, r)];
+        const float prob = exp2f(s - st[0]);
+        const float ds = prob * (group_sum<C::kGroup>(dot_slice(vv, gp), mask) - st[1]);
+        axpy_slice(dvv, prob, gp);
+        axpy_slice(dkv, ds, qp);
       }
     }
-  }
+  });
   if (!t.valid) return;
 #pragma unroll
   for (int e = 0; e < kSlice; ++e) {
