@@ -144,13 +144,22 @@ def _build(device_type: str, name: str, sources: tuple[str, ...], **options):
         raise RuntimeError(f"sasa_impls: building the native {device_type} kernel failed:\n{details}") from error
 
 
+# Builds of the CPU kernel for profiling only (sasa-bench profile's ablations): name -> extra defines. They get
+# names of their own, so they never replace the normal build ("").
+CPU_VARIANTS = {"": (), "no_exp": ("-DSASA_PROFILE_NO_EXP",)}
+
+
 @functools.cache
-def cpu_extension():
-    """The compiled CPU extension (``forward``, ``backward``), built on first use."""
-    flags = ["-O3", "-march=native", "-fopenmp"]
+def cpu_extension(variant: str = ""):
+    """The compiled CPU extension (``forward``, ``backward``), built on first use; ``variant`` names a
+    profiling build of CPU_VARIANTS (results wrong by design: never for measuring correctness)."""
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(CPU_VARIANTS)}, got {variant!r}")
+    flags = ["-O3", "-march=native", "-fopenmp", *CPU_VARIANTS[variant]]
     if "avx512f" in cpu_flags().split():
         flags.append("-mprefer-vector-width=512")
-    return _build("cpu", f"sasa_native_cpu_{isa_tag()}", CPU_SOURCES, extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    suffix = f"_{variant}" if variant else ""
+    return _build("cpu", f"sasa_native_cpu_{isa_tag()}{suffix}", CPU_SOURCES, extra_cflags=flags, extra_ldflags=["-fopenmp"])
 
 
 @functools.cache

@@ -73,6 +73,12 @@ inline auto hsum(V v) {
 // 2^n added to the exponent bits. Adding 1.5 * 2^23 rounds x log2 e and leaves n in the low mantissa
 // bits, so shifting those bits by 23 gives n's exponent field directly. Relative error below 2e-7
 // on [-87, 0]; x < -87 (2^n below FLT_MIN) gives 0. 12 vector operations.
+#ifdef SASA_PROFILE_NO_EXP
+// Profiling build only (sasa-bench profile's ablation of the softmax's exp): a cheap stand-in that keeps
+// the data dependence and bounded values; results are wrong by design and never gated.
+inline Vec<float> vexp(Vec<float> x) { return x * 1e-30f + 1.0f; }
+inline Vec<double> vexp(Vec<double> x) { return x * 1e-300 + 1.0; }
+#else
 inline Vec<float> vexp(Vec<float> x) {
   using Bits = VecTraits<float>::bits;
   const Vec<float> round_magic = splat(12582912.0f);
@@ -99,5 +105,6 @@ inline Vec<double> vexp(Vec<double> x) {
   for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
   return x;
 }
+#endif  // SASA_PROFILE_NO_EXP
 
 }  // namespace sasa::cpu
