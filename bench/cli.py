@@ -2,16 +2,21 @@
 
 Each command module defines ``register(subparsers)``, adding its parser with ``set_defaults(run=fn)``;
 ``fn(args) -> int`` is the exit status. Bad input (a UsageError here, a ValueError or TypeError from the
-library) surfaces as one line on stderr and exit status 2; an interrupt as one line and status 130.
+library) surfaces as one line on stderr and exit status 2; a full disk (bench.store.DiskFull) as one line
+and status 1; an interrupt as one line and status 130.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
+
+from .store import DiskFull
 
 # the subcommands, in the order `sasa-bench --help` lists them (module names under bench/commands/)
-COMMANDS = ("list_impls", "env", "peak", "run", "report", "claim", "compare", "models")
+COMMANDS = ("list_impls", "env", "peak", "run", "profile", "report", "claim", "compare", "models")
 
 
 class UsageError(ValueError):
@@ -19,11 +24,37 @@ class UsageError(ValueError):
 
 
 def comma_list(flag: str, text: str) -> list[str]:
-    """The non-empty items of a comma-separated option value."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UsageError(f"--{flag}: expected a comma-separated list, got {text!r}")
+    """The items of a comma-separated option value; an empty value or item ("", "3,,7") is refused."""
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise UsageError(f"--{flag}: expected a comma-separated list without empty items, got {text!r}")
     return items
+
+
+def check_name(flag: str, text: str) -> str:
+    """A file name given on the command line (--name): no path separator and no "." / "..", so what is
+    written stays inside its folder."""
+    if not text or text in (".", "..") or "/" in text or (os.altsep and os.altsep in text) or os.sep in text:
+        raise UsageError(f"--{flag}: expected a plain file name (no path separators, not . or ..), got {text!r}")
+    return text
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(flag: str, threads: int) -> int:
+    """A thread count: at least 1 and at most the CPUs this process may use (more would time the OS
+    scheduler's time slicing, not the implementation)."""
+    if threads < 1:
+        raise UsageError(f"--{flag}: expected a positive integer, got {threads}")
+    if threads > usable_cpus():
+        raise UsageError(f"--{flag}: {threads} threads but only {usable_cpus()} CPU(s) are usable here")
+    return threads
 
 
 def comma_ints(flag: str, text: str, odd: bool = False) -> list[int]:
@@ -66,6 +97,31 @@ def parse_device(text: str) -> str:
     return text
 
 
+def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
+    """Write an output file a flag names; UsageError naming the flag when it cannot be written."""
+    try:
+        Path(path).write_text(text)
+    except OSError as error:
+        raise UsageError(f"--{flag}: cannot write {path}: {error.strerror or error}") from None
+
+
+def add_interleave_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, rounds: int) -> None:
+    """The flags of an interleaved measurement (bench/interleave.py): --rounds and --block."""
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
+    parser.add_argument("--block", type=float, default=0.05, metavar="SECONDS",
+                        help="seconds of calls of each case per round (default 0.05)")
+
+
+def interleave_settings(args: argparse.Namespace):
+    """The InterleaveSettings of :func:`add_interleave_flags`' flags (its errors name the flag)."""
+    from .interleave import InterleaveSettings
+
+    try:
+        return InterleaveSettings(rounds=args.rounds, block_s=args.block)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+
+
 def report_problems(problems: list[str]) -> None:
     """One stderr line per result line that could not be read (bench.store.read_rows): never silently dropped."""
     for problem in problems:
@@ -88,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
+    except DiskFull as error:  # the sweep stopped; what it finished is on disk
+        print(f"sasa-bench {args.command}: {error}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError) as error:  # UsageError and the API's argument errors
         text = " ".join(str(error).splitlines())
         print(f"sasa-bench {args.command}: error: {text}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The machine fingerprint every result row carries (docs/design.md "Measurement rules").
 
-Code version (git commit and whether the tree differs from it), library versions, the CPU and the
-thread count, and on NVIDIA GPUs the nvidia-ml-py readings (name, driver, clocks, power, temperature,
+Code version (git commit and whether the tree differs from it), library versions, the CPU (model name,
+vendor, family/model numbers and its widest vector ISA, so a Zen 3 and a Zen 5 sold as "AMD EPYC" differ)
+and the thread count, and on NVIDIA GPUs the nvidia-ml-py readings (name, driver, clocks, power, temperature,
 memory). :func:`gpu_readings` is also taken after each case, so a throttled run shows in its rows.
 """
 from __future__ import annotations
@@ -35,16 +36,54 @@ def _version(package: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+# Vector ISAs from the widest down, each with the /proc/cpuinfo flag (x86) or feature (ARM) that shows it.
+ISA_FLAGS = (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"), ("sve", "sve"), ("neon", "asimd"), ("sse4", "sse4_2"))
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd", "0x41": "arm"}
+
+
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
+            return cpuinfo.read()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+
+
+def _field(text: str, name: str) -> str | None:
+    match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def _number(text: str | None) -> int | None:
+    """A decimal ("167") or hexadecimal ("0xd0c", ARM) number of /proc/cpuinfo."""
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text)
+    except (AttributeError, ValueError):
+        return None
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    return _field(_cpuinfo() if cpuinfo is None else cpuinfo, "model name") or platform.processor() or platform.machine()
+
+
+def cpu_identity(cpuinfo: str | None = None) -> dict:
+    """``cpu_vendor`` (intel, amd, arm), ``cpu_family``, ``cpu_model_id`` (numbers: microarchitecture) and
+    ``cpu_isa``, the widest vector ISA the CPU offers (ISA_FLAGS: what -march=native and torch's dispatch
+    use), from /proc/cpuinfo (or the given text); None where it does not say."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    vendor = _field(text, "vendor_id") or _field(text, "CPU implementer")
+    family, model = _field(text, "cpu family") or _field(text, "CPU architecture"), _field(text, "model") or _field(text, "CPU part")
+    flags = set((_field(text, "flags") or _field(text, "Features") or "").split())
+    return {"cpu_vendor": VENDORS.get(vendor, vendor.lower()) if vendor else None,
+            "cpu_family": _number(family), "cpu_model_id": _number(model),
+            "cpu_isa": next((isa for isa, flag in ISA_FLAGS if flag in flags), None)}
+
+
+def native_isa(impl: str, device: str) -> str | None:
+    """The ISA the native CPU kernel runs with: it is built with -march=native (sasa_impls/impls/_native_build.py),
+    so this CPU's widest (:func:`cpu_identity`); None for other implementations and devices."""
+    return cpu_identity()["cpu_isa"] if impl == "native" and str(device).startswith("cpu") else None
 
 
 def _nvml_index() -> int:
@@ -100,6 +139,7 @@ def environment() -> dict:
         "natten": _version("natten"),
         "fvcore": _version("fvcore"),
         "cpu": cpu_model(),
+        **cpu_identity(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         **gpu_readings(),
@@ -111,12 +151,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def cpu_machine_id(cpuinfo: str | None = None, cores: int | None = None) -> str:
+    """The CPU part of a machine id: model name, family/model numbers, vector ISA and logical CPUs, e.g.
+    ``intel-xeon-f6m167-avx512-2c`` (a Zen 3 and a Zen 5 "AMD EPYC" get different ids)."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    ident = cpu_identity(text)
+    micro = "" if ident["cpu_family"] is None else f"f{ident['cpu_family']}m{ident['cpu_model_id']}"
+    parts = [_slug(cpu_model(text)), micro, ident["cpu_isa"] or "", f"{cores or os.cpu_count()}c"]
+    return "-".join(p for p in parts if p)
+
+
 def machine_id() -> str:
-    """Folder name under results/ for this machine: the GPU's name on GPU machines, else the CPU
-    model and core count (``SASA_BENCH_MACHINE`` overrides, e.g. to tell two identical hosts apart)."""
+    """Folder name under results/ for this machine: the GPU's name on GPU machines, else
+    :func:`cpu_machine_id` (``SASA_BENCH_MACHINE`` overrides, e.g. to tell two identical hosts apart).
+    Folders named before the CPU's family/model and ISA were part of the id (``amd-epyc-2c``) keep their rows."""
     if os.environ.get("SASA_BENCH_MACHINE"):
         return _slug(os.environ["SASA_BENCH_MACHINE"])
     gpu = gpu_readings()["gpu"]
     if gpu:
         return _slug(gpu)
-    return f"{_slug(cpu_model())}-{os.cpu_count()}c"
+    return cpu_machine_id()

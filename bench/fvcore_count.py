@@ -79,6 +79,8 @@ UNTRACEABLE_CODE = (
 
 def trace_failure(error: BaseException) -> str:
     """Why fvcore could not count a module, in words: what its tracer could not follow (never the error's text)."""
+    if isinstance(error, ImportError) and (error.name or "").split(".")[0] == "fvcore":
+        return "not counted: fvcore is not installed"
     frames = [frame.filename.replace("\\", "/") for frame in traceback.extract_tb(error.__traceback__)]
     for fragment, words in UNTRACEABLE_CODE:
         if any(fragment in frame for frame in frames):

@@ -21,10 +21,12 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.utils.benchmark as torch_benchmark
+
+from . import contention
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -51,6 +53,8 @@ class Timing:
     reps: int | None  # None where the timer does not say (do_bench)
     confident: bool
     timer: str
+    other_load: Optional[float] = None  # CPU: share of the machine other processes used while timed (bench.contention)
+    contended: Optional[bool] = None  # CPU: other_load above bench.contention.CONTENDED_SHARE per timed thread
 
 
 def _median_iqr(times_ms: list[float]) -> tuple[float, float]:
@@ -61,7 +65,8 @@ def _median_iqr(times_ms: list[float]) -> tuple[float, float]:
 
 
 def time_cpu(fn: Callable[[], object], settings: TimerSettings) -> Timing:
-    """Warm-up calls (timed, to size the budget), then ``adaptive_autorange`` until confident."""
+    """Warm-up calls (timed, to size the budget), then ``adaptive_autorange`` until confident; the load
+    other processes put on the machine meanwhile is read around the timed calls (bench.contention)."""
     start = time.perf_counter()
     for _ in range(settings.warmup):
         fn()
@@ -69,12 +74,15 @@ def time_cpu(fn: Callable[[], object], settings: TimerSettings) -> Timing:
     threads = settings.threads or torch.get_num_threads()
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     min_time = max(settings.min_time_s, settings.reps * per_call)
+    before = contention.cpu_sample()
     measured = timer.adaptive_autorange(threshold=settings.confidence, min_run_time=min_time,
                                         max_run_time=max(settings.max_time_s, min_time))
+    load = contention.other_load(before, contention.cpu_sample())
     return Timing(median_ms=measured.median * 1e3, iqr_ms=measured.iqr * 1e3,
                   reps=len(measured.raw_times) * measured.number_per_run,
                   confident=measured.meets_confidence(settings.confidence),
-                  timer="torch.utils.benchmark adaptive_autorange")
+                  timer="torch.utils.benchmark adaptive_autorange", other_load=load,
+                  contended=contention.contended(load, threads))
 
 
 class _CudaTimer:

@@ -248,6 +248,7 @@ def measure_time(case: Case, settings: measure.TimerSettings) -> dict:
     params = sum(p.numel() for p in subject.module.parameters()) if subject.module is not None else None
     return {"status": Status.OK, "error": None, "latency_ms": timing.median_ms, "latency_iqr_ms": timing.iqr_ms,
             "reps": timing.reps, "latency_confident": timing.confident, "timer": timing.timer, "params": params,
+            "other_load": timing.other_load, "contended": timing.contended,
             **count_flops(subject)}
 
 

@@ -40,12 +40,13 @@ import torch
 
 import sasa_impls
 
-from . import store
+from . import contention, store
 from .cases import analytic_costs, attention_spec
-from .env import environment, gpu_readings, machine_id
+from .env import environment, gpu_readings, machine_id, native_isa
 from .measure import TimerSettings
 from .plugins import load_plugins
 from .progress import Progress
+from .report.peaks import recorded_peak
 from .schema import CONV, FINAL_STATUSES, Case, Row, Status, achieved_gflops, case_key
 
 
@@ -97,11 +98,16 @@ def bare_main() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _crash_result(exitcode: int | None) -> dict:
+def _crash_result(exitcode: int | None, memory_limit_bytes: int | None = None) -> dict:
     if exitcode == -signal.SIGKILL:
         return {"status": Status.OOM, "error": "worker killed by SIGKILL (the kernel's out-of-memory killer?)"}
     if exitcode is not None and exitcode < 0:
         return {"status": Status.ERROR, "error": f"worker crashed: signal {signal.Signals(-exitcode).name}"}
+    if memory_limit_bytes:  # e.g. a thread or library that could not get memory ended the process
+        from .worker import limit_note
+
+        return {"status": Status.OOM,
+                "error": f"worker exited with status {exitcode} without a result{limit_note(memory_limit_bytes)}"}
     return {"status": Status.ERROR, "error": f"worker exited with status {exitcode} without a result"}
 
 
@@ -123,7 +129,7 @@ def run_isolated(task: dict, timeout_s: float) -> dict:
             return reader.recv()
         except EOFError:
             process.join(10)
-            return _crash_result(process.exitcode)
+            return _crash_result(process.exitcode, task.get("memory_limit_bytes"))
     finally:
         reader.close()
         process.join(0.5)
@@ -158,24 +164,31 @@ def _task(kind: str, settings: Settings, plugins: list[str], **fields) -> dict:
             "memory_limit_bytes": settings.memory_limit_bytes, **fields}
 
 
+def check_case(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
+    """Declared support and the (cached, per :func:`gate_key`) correctness gate of one case: the gate's
+    fields, with status ok when the case may be timed, else its status and error."""
+    if case.impl == CONV:
+        return {"status": Status.OK}
+    ok, why = sasa_impls.get_impl(case.impl).supports(attention_spec(case))
+    if not ok:
+        return {"status": Status.UNSUPPORTED, "error": f"{case.impl} {why}"}
+    key = gate_key(case)
+    if key not in gates:
+        gate = dict(impl=case.impl, device=case.device, dtype=case.dtype, direction=case.direction,
+                    relative=case.relative, options=case.impl_options)
+        gates[key] = run_isolated(_task("gate", settings, plugins, gate=gate), settings.timeout_s)
+    checked = gates[key]
+    fields = {k: checked[k] for k in ("gate_max_error", "gate_tolerance", "warnings") if checked.get(k) is not None}
+    return {**fields, "status": checked["status"], "error": checked.get("error")}
+
+
 def measure_case(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
     """The measured fields of one case on this machine: declared support, the (cached) gate, then peak
     memory and latency, each in a subprocess of its own (see bench.pipeline.measure_memory for why apart)."""
-    if case.impl != CONV:
-        ok, why = sasa_impls.get_impl(case.impl).supports(attention_spec(case))
-        if not ok:
-            return {"status": Status.UNSUPPORTED, "error": f"{case.impl} {why}"}
-        key = gate_key(case)
-        if key not in gates:
-            gate = dict(impl=case.impl, device=case.device, dtype=case.dtype, direction=case.direction,
-                        relative=case.relative, options=case.impl_options)
-            gates[key] = run_isolated(_task("gate", settings, plugins, gate=gate), settings.timeout_s)
-        checked = gates[key]
-        fields = {k: checked[k] for k in ("gate_max_error", "gate_tolerance", "warnings") if checked.get(k) is not None}
-        if checked["status"] != Status.OK:
-            return {**fields, "status": checked["status"], "error": checked.get("error")}
-    else:
-        fields = {}
+    checked = check_case(case, settings, plugins, gates)
+    if checked["status"] != Status.OK:
+        return checked
+    fields = {k: v for k, v in checked.items() if k not in ("status", "error")}
     memory = run_isolated(_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
     if memory["status"] != Status.OK:
         return {**fields, **memory}
@@ -185,15 +198,17 @@ def measure_case(case: Case, settings: Settings, plugins: list[str], gates: dict
     return {**fields, **memory, **timed, "warnings": warnings or None}
 
 
-def measure_here(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
-    """:func:`measure_case` with the readings of the machine that measured: its environment, its results
-    folder name and host, and on CUDA the GPU's readings before and after."""
+def measure_here(case: Case, settings: Settings, plugins: list[str], gates: dict,
+                 measure: Callable[[Case, Settings, list[str], dict], dict] | None = None) -> dict:
+    """:func:`measure_case` (or ``measure``, with its arguments: `sasa-bench profile`'s) with the readings of
+    the machine that measured: its environment, its results folder name and host, and on CUDA the GPU's
+    readings before and after."""
     cuda = case.device.startswith("cuda")
     before = gpu_readings() if cuda else {}
-    measured = measure_case(case, settings, plugins, gates)
+    measured = (measure or measure_case)(case, settings, plugins, gates)
     after = gpu_readings() if cuda else {}
     return {**_environment(), **before, **measured, "gpu_after": after or None, "machine": machine_id(),
-            "node": socket.gethostname()}
+            "node": socket.gethostname(), "native_isa": native_isa(case.impl, case.device)}
 
 
 @functools.cache
@@ -201,10 +216,13 @@ def _environment() -> dict:
     return environment()
 
 
-def make_row(case: Case, measured: dict, settings: Settings, repeat: int, run_id: str, suite: str | None) -> dict:
-    """The row of one case (bench.schema.Row): the case, its analytic costs, what was measured where."""
+def make_row(case: Case, measured: dict, settings: Settings, repeat: int, run_id: str, suite: str | None,
+             out_dir: str | os.PathLike = "results") -> dict:
+    """The row of one case (bench.schema.Row): the case, its analytic costs, what was measured where, and the
+    machine's peak that holds now (``out_dir``'s peak file)."""
     costs = analytic_costs(case)
     fields = {**costs, **measured, "threads": settings.threads, "repeat": repeat, "run_id": run_id, "suite": suite,
+              **recorded_peak(out_dir, measured.get("machine"), case.device, case.dtype, settings.threads),
               "borders": None if case.impl == CONV else sasa_impls.get_impl(case.impl).borders,
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     fields["status"] = str(fields["status"])
@@ -247,12 +265,18 @@ def measure_locally(todo: list[tuple[Case, int]], settings: Settings, plugins: l
         yield case, repeat, measure_here(case, settings, plugins, gates)
 
 
+def _warn(text: str) -> None:
+    print(f"sasa-bench: {text}", file=sys.stderr, flush=True)
+
+
 def run_cases(cases: list[Case], out_dir: str | os.PathLike = "results", resume: bool = True, suite: str | None = None,
               progress: bool = True, *, name: str | None = None, repeat: int = 1, settings: Settings = Settings(),
-              executor: Executor = measure_locally) -> list[dict]:
+              executor: Executor = measure_locally, allow_concurrent: bool = False) -> list[dict]:
     """Measure every case (``repeat`` passes over the list: the spread between passes is the timing
     noise), each isolated in subprocesses; append each row as it finishes, to the results file of the
-    machine that measured it, and return the rows written."""
+    machine that measured it, and return the rows written. Another sweep measuring on this machine is
+    warned about on stderr (bench.contention.measuring) unless ``allow_concurrent``; a full disk stops
+    the sweep with DiskFull, every row written so far kept."""
     plugins = load_plugins()
     file_name = f"{name or suite or 'adhoc'}.jsonl"
     path = store.prepare(results_path(out_dir, file_name[:-6]))
@@ -262,14 +286,18 @@ def run_cases(cases: list[Case], out_dir: str | os.PathLike = "results", resume:
     todo = [(case, r) for r in range(repeat) for case in cases if (case.key(), r) not in skip]
     run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     rows = []
-    with Progress(len(todo), enabled=progress) as bar, interrupts_stop_the_sweep():
+    with contention.measuring(_warn, allow_concurrent), Progress(len(todo), enabled=progress) as bar, \
+            interrupts_stop_the_sweep():
         for problem in problems:
             bar.note(f"unreadable row skipped by --resume: {problem}")
         if len(todo) < len(cases) * repeat:
             bar.note(f"resume: {len(cases) * repeat - len(todo)} finished case(s) in {out_dir}/*/{file_name} skipped")
         for case, r, measured in executor(todo, settings, plugins, bar.begin):
-            row = make_row(case, measured, settings, r, run_id, suite)
-            store.append_row(Path(out_dir) / row["machine"] / file_name if row["machine"] else path, row)
+            row = make_row(case, measured, settings, r, run_id, suite, out_dir)
+            try:
+                store.append_row(Path(out_dir) / row["machine"] / file_name if row["machine"] else path, row)
+            except store.DiskFull as error:
+                raise store.DiskFull(f"disk full: {len(rows)} row(s) of this sweep kept ({error}), rerun with --resume") from None
             rows.append(row)
             bar.end(row)
     return rows

@@ -82,6 +82,8 @@ def _unit(text: str, unit: str = "") -> Any:
     return field(default=None, metadata={"doc": text, "unit": unit})
 
 
+# The fields below are one declaration each, alike by design (name, type, doc, unit): `duplicates` lists them
+# as a pair of same-shape runs; that is the price of one flat, greppable list of row fields.
 @dataclass(frozen=True, kw_only=True)
 class Row(Case):
     """A result row: the case, what was measured, and the environment it was measured in."""
@@ -97,6 +99,19 @@ class Row(Case):
     latency_confident: Optional[bool] = _unit("the timer met its confidence (IQR / median below --confidence)")
     timer: Optional[str] = _unit("what timed it: torch.utils.benchmark adaptive_autorange, triton do_bench, cuda events")
     gflops: Optional[float] = _unit("achieved: 2 x macs_analytic x passes / latency (passes: 1 fwd, 3 fwd+bwd)", "GFLOP/s")
+    peak_gflops: Optional[float] = _unit("the CPU's peak when the row was measured (<machine>/peak.json at the row's "
+                                         "dtype and threads; GPUs: None, their published peak is used)", "GFLOP/s")
+    peak_kind: Optional[str] = _unit("what that peak is: fma (physical FMA throughput) | matmul (best GEMM)")
+    other_load: Optional[float] = _unit("CPU: share (0..1) of the machine's CPU time other processes used while the "
+                                        "case was timed (/proc/stat busy time minus the worker's own; bench/contention.py)")
+    contended: Optional[bool] = _unit("CPU: other_load was above 0.25 of a CPU per timed thread "
+                                      "(bench.contention.CONTENDED_SHARE): the latency includes other processes' load")
+    # interleaved ratio (bench/interleave.py): this case timed in alternating rounds with a baseline case
+    ratio_baseline: Optional[str] = _unit("the case the ratio divides by (Case.label), timed interleaved with this one")
+    latency_ratio: Optional[float] = _unit("median over rounds of this case's time / the baseline's in the same round")
+    latency_ratio_low: Optional[float] = _unit("lower end of the ratio's bootstrap 95% interval")
+    latency_ratio_high: Optional[float] = _unit("upper end of the ratio's bootstrap 95% interval")
+    rounds: Optional[int] = _unit("interleaved rounds timed (each a block of calls of every case, in random order)")
     # memory
     peak_mem_bytes: Optional[int] = _unit("peak memory of one call beyond its inputs and weights "
                                           "(CUDA allocator peak; CPU: growth of the process's peak RSS)", "bytes")
@@ -115,6 +130,25 @@ class Row(Case):
     gate_max_error: Optional[float] = _unit("worst max|impl - reference| / max|reference| of the gate (output and gradients)")
     gate_tolerance: Optional[float] = _unit("the gate's tolerance for the dtype")
     borders: Optional[str] = _unit("the implementation's border semantics: masked | clamped")
+    # profile rows (`sasa-bench profile`, bench/profiling/; None in the rows of `run`)
+    profiler: Optional[str] = _unit("what profiled the row: torch.profiler (set on every profile row, failed ones too: "
+                                    "how readers tell profile rows from run rows)")
+    profile_total_ms: Optional[float] = _unit("mean time of one step under the profiler (each step a profiler range)", "ms")
+    unprofiled_ms: Optional[float] = _unit("median time of the same step without the profiler, same process, same run", "ms")
+    profile_calls: Optional[int] = _unit("profiled steps profile_total_ms and the stages average over (the faster "
+                                         "half of those profiled: a preempted step is left out)")
+    stages: Optional[dict] = _unit("stage (projections, logits, relative, softmax, aggregate, layout, other; conv: conv) -> "
+                                   "{ms (per step), share (of profile_total_ms), method (how it was found: regions, aten op "
+                                   "names, ablation ...), macs (analytic, x3 for fwd+bwd), gflops (2 macs / ms), alloc_bytes "
+                                   "(allocated by its ops per step)}", "ms, MAC, GFLOP/s, bytes")
+    profile_residual: Optional[str] = _unit("where the stages miss profile_total_ms, or it misses unprofiled_ms, by more "
+                                            "than 15%: by how much (None when both agree)")
+    ablation_ms: Optional[dict] = _unit("fused kernels: the op variants timed for the ablation (full, content_only, "
+                                        "no_exp, k1) -> median ms, or why the variant could not run", "ms")
+    trace: Optional[str] = _unit("the Chrome/Perfetto trace of the profiled steps (--trace DIR)")
+    memory_snapshot: Optional[str] = _unit("CUDA: the HTML view of the caching allocator's history (--memory-snapshot DIR)")
+    counters: Optional[dict] = _unit("hardware counters per step: perf stat (cycles, instructions, FP, cache) on CPUs "
+                                     "with a PMU; Nsight Compute metrics with --ncu on GPUs")
     # where and when
     machine: Optional[str] = _unit("the results folder of the machine that measured (GPU name, or CPU model and cores)")
     node: Optional[str] = _unit("host name of the machine that measured")
@@ -132,6 +166,11 @@ class Row(Case):
     fvcore: Optional[str] = _unit("fvcore version")
     cpu: Optional[str] = _unit("CPU model")
     cpu_count: Optional[int] = _unit("logical CPUs of the machine")
+    cpu_vendor: Optional[str] = _unit("CPU vendor: intel | amd | arm (None: row written before it was recorded)")
+    cpu_family: Optional[int] = _unit("CPU family number (/proc/cpuinfo; with cpu_model_id: the microarchitecture)")
+    cpu_model_id: Optional[int] = _unit("CPU model number (/proc/cpuinfo)")
+    cpu_isa: Optional[str] = _unit("widest vector ISA of the CPU: avx512 | avx2 | avx | sve | neon | sse4")
+    native_isa: Optional[str] = _unit("ISA the native kernel was built for (-march=native: the CPU's), on native rows")
     threads: Optional[int] = _unit("torch CPU threads used for the case")
     gpu: Optional[str] = _unit("GPU name (nvidia-ml-py), before the case")
     gpu_driver: Optional[str] = _unit("NVIDIA driver version")
@@ -143,6 +182,8 @@ class Row(Case):
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Row))
+# Fields holding a number (int or float; None where unmeasured): a row with text there is not a row.
+NUMERIC_FIELDS = tuple(f.name for f in dataclasses.fields(Row) if f.type in ("int", "float", "Optional[int]", "Optional[float]"))
 
 
 def achieved_gflops(macs: float | None, latency_ms: float | None, direction: str | None) -> float | None:
@@ -157,13 +198,20 @@ def normalize(raw: object) -> dict:
     """A row read from disk as a dict holding every field of :class:`Row`; ValueError saying why not.
 
     Rows written before a field existed get its value: ``level`` "layer", ``relative`` from their
-    ``rel_accounting``, ``impl_options`` "", ``gflops`` from their latency. Unknown keys are kept.
+    ``rel_accounting``, ``impl_options`` "", ``gflops`` from their latency. Rows written before the CPU's
+    identity was recorded get None for ``cpu_vendor``, ``cpu_family``, ``cpu_model_id``, ``cpu_isa`` and
+    ``native_isa`` and keep their ``machine`` (the folder they are in, e.g. ``amd-epyc-2c``, which may mix
+    microarchitectures); rows not measured interleaved have no ``latency_ratio``. Unknown keys are kept.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
     missing = [name for name in CASE_FIELDS[:9] if name not in raw]
     if missing:
         raise ValueError(f"not a result row: no {', '.join(missing)}")
+    for name in NUMERIC_FIELDS:
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
     row = {name: None for name in FIELDS} | raw
     if raw.get("level") is None:
         row["level"] = "layer"

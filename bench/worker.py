@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import measure, pipeline
+from . import interleave, measure, pipeline
 from .plugins import load_plugins
 from .schema import Case, Status
 
@@ -31,7 +31,25 @@ TASKS: dict[str, Callable[[dict], dict]] = {
     "gate": lambda task: pipeline.gate(**task["gate"]),
     "memory": lambda task: pipeline.measure_memory(Case(**task["case"])),
     "time": lambda task: pipeline.measure_time(Case(**task["case"]), measure.TimerSettings(**task["timer"])),
+    "interleave": lambda task: interleave.time_cases(task["cases"], task["interleave"]),
+    "profile": lambda task: _profile(task),
+    "model": lambda task: _model(task),
 }
+
+
+def _model(task: dict) -> dict:
+    """`sasa-bench models`' task: one stage (check, memory, time) of one model (imported here, on use)."""
+    from .commands.models import model_task
+
+    return model_task(task)
+
+
+def _profile(task: dict) -> dict:
+    """`sasa-bench profile`'s task (imported here, on use: bench.profiling imports this module)."""
+    from .profiling.task import ProfileOptions, profile_case
+
+    return profile_case(Case(**task["case"]), measure.TimerSettings(**task["timer"]), ProfileOptions(**task["profile"]),
+                        task["timeout_s"])
 
 
 def message(error: BaseException) -> str:
@@ -102,18 +120,39 @@ def captured_output() -> Iterator[list[str]]:
             lines.extend(list(dict.fromkeys(line.strip()[:300] for line in found if line.strip()))[:MAX_WARNINGS])
 
 
+def before_the_limit(task: dict) -> None:
+    """What the memory cap must not hit, done first: the CPU thread pool is started (a thread that cannot
+    get its stack kills the process in OpenMP) and the native extension built and loaded (the compiler
+    runs in other processes that the cap would starve)."""
+    torch.ones(1 << 20).add_(1.0)  # big enough for ATen to run it on every thread
+    impls = {spec["impl"]: spec["device"] for spec in (task.get("case"), task.get("gate"), *task.get("cases", ())) if spec}
+    if "native" in impls:
+        from sasa_impls.impls import _native_build
+
+        (_native_build.cuda_extension if impls["native"].startswith("cuda") else _native_build.cpu_extension)()
+
+
+def limit_note(limit_bytes: int | None) -> str:
+    """How an out-of-memory message names the memory cap it ran under ("" when there was none)."""
+    return f" (under --memory-limit {limit_bytes / 2**20:g} MiB)" if limit_bytes else ""
+
+
 def run_task(task: dict) -> dict:
     """Set up this process for the task (threads, plugins, memory cap, no TF32: float32 means float32 for
-    every implementation and the conv) and run it; failures become a status."""
+    every implementation and the conv) and run it; failures become a status (an out-of-memory one names
+    the memory cap)."""
+    limit = task.get("memory_limit_bytes")
     try:
         torch.set_num_threads(task["threads"])
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         load_plugins(task["plugins"])
-        if task.get("memory_limit_bytes"):
-            limit_address_space(task["memory_limit_bytes"])
+        if limit:
+            before_the_limit(task)
+            limit_address_space(limit)
         return TASKS[task["kind"]](task)
     except BaseException as error:  # every failure becomes the row's status; the sweep goes on
-        return {"status": failure_status(error), "error": message(error)}
+        status = failure_status(error)
+        return {"status": status, "error": message(error) + (limit_note(limit) if status == Status.OOM else "")}
 
 
 def child_main(task: dict, conn) -> None:

@@ -1,12 +1,15 @@
 """Layers built on the op: SASA2d (the paper's attention layer) and AttentionStem (paper 3.2, block attention)."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functional import check_kernel_size, local_attention, rel_shapes
+from .regions import stage
 from .registry import get_impl
 
 
@@ -16,6 +19,72 @@ def _check_heads(in_channels: int, out_channels: int, heads: int) -> None:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if out_channels % heads:
         raise ValueError(f"heads: {heads} does not divide out_channels={out_channels}")
+
+
+def _check_rank4(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x: expected rank 4 (B, C, H, W), got shape {tuple(x.shape)}")
+
+
+# The fused projection: the 1x1 convs' weights stacked into one (sum of d_out, d_in) matrix, one product for
+# all of them. Two backends give the same (B, sum d_out, H, W) channel-major result: a 1x1 convolution
+# (oneDNN on CPUs) and a matrix product on the (B, d_in, H W) view (BLAS); which is faster depends on the
+# shape, the library and the machine (the issue measured either one 2-3x ahead of the other), so each
+# layer shape is timed once with both at first use and the winner cached per (shape, dtype, device).
+def _project_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, weight[:, :, None, None])
+
+
+def _project_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    return torch.matmul(weight, x.reshape(batch, channels, height * width)).view(batch, -1, height, width)
+
+
+PROJECTION_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "conv": _project_conv, "matmul": _project_matmul}
+_CHOSEN_BACKEND: dict[tuple, str] = {}
+
+
+def _time_backend(fn: Callable[[], object], device: torch.device) -> float:
+    """Median seconds of ``fn()`` over a few calls (after one warm-up)."""
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The faster of PROJECTION_BACKENDS for ``x`` times ``weight`` here, measured at first use per
+    (input shape, output channels, dtype, device, memory format) and cached. Shape-only runs (meta tensors)
+    and traces take "conv" without timing."""
+    if x.device.type == "meta" or torch.jit.is_tracing():
+        return "conv"
+    key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous())
+    if key not in _CHOSEN_BACKEND:
+        with torch.no_grad():
+            xd, wd = x.detach(), weight.detach()
+            candidates = PROJECTION_BACKENDS if x.is_contiguous() else {"conv": _project_conv}
+            seconds = {name: _time_backend(lambda fn=fn: fn(xd, wd), x.device) for name, fn in candidates.items()}
+        _CHOSEN_BACKEND[key] = min(seconds, key=seconds.get)
+    return _CHOSEN_BACKEND[key]
+
+
+def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Tensor]:
+    """The outputs of the bias-free 1x1 ``convs`` on ``x`` from one product (their weights stacked), by the
+    backend :func:`projection_backend` picks; each output a channel-major view of the product (no copy).
+    On meta tensors (shape probes: bench.model_costs counts the convs through their hooks) the convs
+    themselves run."""
+    if x.device.type == "meta":
+        return [conv(x) for conv in convs]
+    weight = torch.cat([conv.weight[:, :, 0, 0] for conv in convs])  # (sum d_out, d_in): a few KiB copied
+    out = PROJECTION_BACKENDS[projection_backend(x, weight)](x, weight)
+    return list(out.split([conv.out_channels for conv in convs], dim=1))
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -43,8 +112,9 @@ class RelativeEmbeddings(nn.Module):
 class SASA2d(nn.Module):
     """Stand-alone self-attention over k x k windows, a drop-in for a k x k convolution.
 
-    1x1 Q, K, V projections (no bias), per-head relative embeddings, the op, and a 2 x 2 average pool
-    when ``stride == 2``. Parameters: 3 d_in d_out + k d_out, whatever k. ``relative=False`` drops the
+    1x1 Q, K, V projections (no bias; three nn.Conv2d modules, so checkpoints keep ``query.weight`` etc.,
+    computed together as one product by :func:`fused_projection`), per-head relative embeddings, the op,
+    and a 2 x 2 average pool when ``stride == 2``. Parameters: 3 d_in d_out + k d_out, whatever k. ``relative=False`` drops the
     embeddings (content-only attention: the paper's ablation, and what peers such as NATTEN compute).
     ``impl`` names the implementation (checked here, so a typo fails at construction), ``options`` its
     own options (``Impl.options``).
@@ -71,14 +141,18 @@ class SASA2d(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The op on (B, C, H, W) projections; returns (B, C, H, W)."""
         rel_row, rel_col = (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
-        out = local_attention(
-            _split_heads(q, self.heads), _split_heads(k, self.heads), _split_heads(v, self.heads),
-            rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale, options=self.options,
-        )
-        return _merge_heads(out)
+        with stage("layout"):
+            q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        out = local_attention(q, k, v, rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
+                              options=self.options)
+        with stage("layout"):
+            return _merge_heads(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.attend(self.query(x), self.key(x), self.value(x)))
+        _check_rank4(x)
+        with stage("projections"):
+            q, k, v = fused_projection(x, (self.query, self.key, self.value))
+        return self.pool(self.attend(q, k, v))
 
 
 def _to_blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -141,10 +215,11 @@ class AttentionStem(SASA2d):
         emb = self.emb_row[rows][:, None, :] + self.emb_col[cols][None, :, :]  # (H, W, C)
         return torch.softmax(emb @ self.nu.t(), dim=-1).permute(2, 0, 1)
 
-    def spatially_aware_values(self, x: torch.Tensor) -> torch.Tensor:
-        """v_ab = (sum_m p(a, b, m) W_V^m) x_ab for every pixel: (B, C_in, H, W) -> (B, C_out, H, W)."""
-        batch, _, height, width = x.shape
-        values = self.value(x).reshape(batch, self.nu.shape[0], -1, height, width)  # (B, m, C_out, H, W)
+    def spatially_aware_values(self, values: torch.Tensor) -> torch.Tensor:
+        """v_ab = (sum_m p(a, b, m) W_V^m) x_ab for every pixel from the m value maps W_V^m x (``self.value``'s
+        output): (B, m C_out, H, W) -> (B, C_out, H, W)."""
+        batch, _, height, width = values.shape
+        values = values.reshape(batch, self.nu.shape[0], -1, height, width)  # (B, m, C_out, H, W)
         p = self.mixture_weights(height, width).to(values.dtype)
         return (values * p[None, :, None]).sum(1)
 
@@ -155,10 +230,11 @@ class AttentionStem(SASA2d):
         return _from_blocks(super().attend(*blocks), batch, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x: expected rank 4 (B, C, H, W), got shape {tuple(x.shape)}")
+        _check_rank4(x)
         height, width = x.shape[-2:]
         if height % self.pool_size or width % self.pool_size:
             raise ValueError(f"x: height and width must be multiples of pool={self.pool_size} (each attention block "
                              f"is a max-pool window), got {height}x{width}")
-        return self.pool(self.attend(self.query(x), self.key(x), self.spatially_aware_values(x)))
+        with stage("projections"):
+            q, k, values = fused_projection(x, (self.query, self.key, self.value))
+        return self.pool(self.attend(q, k, self.spatially_aware_values(values)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 from pathlib import Path
 from typing import Iterator
 
@@ -79,3 +80,14 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def bad_flags(table: str) -> list[tuple[list[str], str]]:
+    """(argv, flag the error must name) per line of ``table``: shell words, the first being that flag unless
+    the line starts with "FLAG:" (e.g. ``--res: --suite quick --res 64``)."""
+    cases = []
+    for line in filter(None, map(str.strip, table.splitlines())):
+        flag, _, words = line.partition(": ") if line.split()[0].endswith(":") else ("", "", line)
+        argv = shlex.split(words)
+        cases.append((argv, flag or argv[0]))
+    return cases

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+import bench.runner
 from bench.cli import main
 
-from helpers import REPO
+from helpers import REPO, bad_flags
 
 
 
@@ -17,25 +18,34 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--k", "4"], "--k"),
-    (["--k", "3,x"], "--k"),
-    (["--impl", "unfold,nope"], "--impl"),
-    (["--channels", "60", "--heads", "8"], "--channels"),
-    (["--dtype", "float8"], "--dtype"),
-    (["--direction", "bwd"], "--direction"),
-    (["--device", "tpu"], "--device"),
-    (["--device", "cuda:99"], "--device"),
-    (["--suite", "nope"], "--suite"),
-    (["--suite", "quick", "--res", "64"], "--res"),
-    (["--reps", "0"], "--reps"),
-    (["--timeout", "-1"], "--timeout"),
-])
-def test_bad_run_input_is_one_line_naming_the_flag(argv, flag, capsys, tmp_path):
-    assert main(["run", "--out", str(tmp_path), *argv]) == 2
+@pytest.mark.parametrize("argv, flag", bad_flags("""
+    --k 4
+    --k 3,x
+    --impl unfold,nope
+    --channels 60 --heads 8
+    --dtype float8
+    --direction bwd
+    --device tpu
+    --device cuda:99
+    --suite nope
+    --res: --suite quick --res 64
+    --reps 0
+    --timeout -1
+    --impl ''
+    --k 3,,7
+    --dtype float32,
+    --threads 999
+    --min-time 10 --max-time 1
+    --name ../../evil
+    --name sub/evil
+    --name ..
+"""))
+def test_bad_run_input_is_one_line_naming_the_flag(argv, flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.runner, "run_isolated", lambda *a, **k: pytest.fail("a case was measured"))
+    assert main(["run", "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err
-    assert not any(tmp_path.iterdir())  # nothing was measured
+    assert not any(tmp_path.rglob("*"))  # nothing was measured or written, inside --out or beside it
 
 
 def test_bad_input_in_a_real_process_has_no_traceback():
@@ -65,7 +75,8 @@ def test_run_writes_rows_and_prints_a_table(tmp_path):
     assert again.returncode == 0 and "2 finished case(s)" in again.stderr and "0 row(s) appended" in again.stdout
 
 
-@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"), (["--size", "0"], "--size"),
+@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"), (["--threads", "999"], "--threads"),
+                                        (["--size", "0"], "--size"), (["--size", "512,,1024"], "--size"),
                                         (["--dtype", "float8"], "--dtype")])
 def test_bad_peak_input_is_one_line(argv, flag, capsys, tmp_path):
     assert main(["peak", "--out", str(tmp_path), *argv]) == 2

@@ -159,3 +159,41 @@ def test_auto_respects_training(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "no_backward", never_trains)
     assert registry.resolve_auto(spec) is chosen
     assert registry.resolve_auto(dataclasses.replace(spec, requires_grad=False)) is never_trains
+
+
+def test_layer_names_the_expected_input_rank():
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2, impl="unfold")
+    with pytest.raises(ValueError, match=r"^x: expected rank 4 \(B, C, H, W\)"):
+        layer(torch.randn(8, 5, 5))
+
+
+def test_an_empty_batch_gives_an_empty_result_or_a_reason():
+    q, k, v, rel_row, rel_col = random_inputs(0, 2, 5, 6, 4, 3, True, dtype=torch.float64, requires_grad=True)
+    out = call(q, k, v, rel_row, rel_col, impl="reference")
+    assert out.shape == (0, 2, 5, 6, 4)
+    grads = torch.autograd.grad(out, (q, k, v, rel_row, rel_col), torch.randn_like(out))
+    assert [tuple(g.shape) for g in grads] == [(0, 2, 5, 6, 4)] * 3 + [(2, 3, 2), (2, 3, 2)]
+    assert not grads[3].any() and not grads[4].any()  # nothing in the batch: no gradient for the embeddings
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^impl: 'flex' cannot run an empty batch \(batch = 0\): "):
+        call(*(t.float() for t in (q, k, v, rel_row, rel_col)), impl="flex")
+
+
+@pytest.mark.parametrize("impl", ["reference", "unfold", "im2col_einsum", "native", pytest.param("memory_blocks", marks=pytest.mark.xfail(
+    strict=True, reason="memory_blocks multiplies each query block's whole (b + k - 1)^2 halo of v, out-of-window weights "
+                        "being 0: a NaN in v spreads to every query of the blocks whose halo holds it"))])
+def test_a_nan_in_v_reaches_only_the_windows_that_hold_it(impl):
+    """Masked positions are absent (the contract), not weighted by zero: a NaN value at one pixel makes NaN
+    exactly the outputs of that head whose k x k window holds the pixel, borders included."""
+    ok, why = sasa_impls.get_impl(impl).available(torch.device("cpu"), torch.float64)
+    if not ok:
+        pytest.skip(why)
+    q, k, v, rel_row, rel_col = random_inputs(2, 2, 9, 11, 8, 5, True, dtype=torch.float64)
+    row, col = int(torch.randint(0, 9, ())), int(torch.randint(0, 11, ()))
+    v[1, 1, row, col, 3] = float("nan")
+    out = call(q, k, v, rel_row, rel_col, 5, impl=impl)
+    rows, cols = torch.arange(9)[:, None], torch.arange(11)[None, :]
+    expected = torch.zeros(2, 2, 9, 11, 8, dtype=torch.bool)
+    expected[1, 1, :, :, 3] = ((rows - row).abs() <= 2) & ((cols - col).abs() <= 2)
+    assert torch.equal(out.isnan(), expected)
+    clean = call(q, k, torch.where(v.isnan(), 0.0, v), rel_row, rel_col, 5, impl="reference")
+    torch.testing.assert_close(out[~expected], clean[~expected], rtol=1e-10, atol=1e-10)

@@ -108,3 +108,46 @@ def test_layer_backward_reaches_every_parameter():
     layer(torch.randn(2, 8, 6, 6)).square().sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("backend", sorted(sasa_impls.layers.PROJECTION_BACKENDS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_projection_matches_three_convs(backend, channels_last, monkeypatch):
+    """One product of the stacked weights gives the three convs' outputs and gradients, whichever backend runs;
+    the outputs are views of that one product (no copies)."""
+    layer = sasa_impls.SASA2d(12, 16, 3, heads=4)
+    x = torch.randn(2, 12, 5, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    key = (tuple(x.shape), 48, x.dtype, x.device, x.is_contiguous())
+    monkeypatch.setitem(sasa_impls.layers._CHOSEN_BACKEND, key, backend if x.is_contiguous() else "conv")
+    convs = (layer.query, layer.key, layer.value)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = sasa_impls.layers.fused_projection(x1, convs)
+    separate = [conv(x2) for conv in convs]
+    assert len({t.untyped_storage().data_ptr() for t in fused}) == 1
+    weights = [torch.randn_like(t) for t in separate]
+    for out, want in zip(fused, separate):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    fused_grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(fused, weights)), [x1, *(c.weight for c in convs)])
+    want_grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(separate, weights)), [x2, *(c.weight for c in convs)])
+    for got, want in zip(fused_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_projection_backend_is_measured_once_per_shape(monkeypatch):
+    monkeypatch.setattr(sasa_impls.layers, "_CHOSEN_BACKEND", {})
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2)
+    layer(torch.randn(1, 8, 6, 6))
+    layer(torch.randn(1, 8, 6, 6))
+    layer(torch.randn(1, 8, 4, 6))
+    chosen = sasa_impls.layers._CHOSEN_BACKEND
+    assert len(chosen) == 2 and set(chosen.values()) <= set(sasa_impls.layers.PROJECTION_BACKENDS)
+
+
+@pytest.mark.parametrize("layer", [sasa_impls.SASA2d(8, 8, 3, heads=2), sasa_impls.AttentionStem(3, 8, heads=2, pool=2)],
+                         ids=["SASA2d", "AttentionStem"])
+@pytest.mark.parametrize("shape", [(8, 6, 6), (1, 1, 8, 6, 6)])
+def test_input_of_another_rank_is_one_line_error(layer, shape):
+    with pytest.raises(ValueError, match=r"^x: expected rank 4 \(B, C, H, W\), got shape " + str(shape).replace("(", r"\(").replace(")", r"\)")):
+        layer(torch.randn(shape))

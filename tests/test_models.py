@@ -12,13 +12,12 @@ import sasa_impls
 from bench import paper
 from bench.cli import main
 from bench.commands import models as models_command
-from bench import measure, pipeline
-from bench.measure import Timing
+from bench import pipeline
 from bench.model_costs import count_macs, count_params, model_costs
 from sasa_impls import AttentionStem, SASA2d
 from sasa_impls.models import BLOCKS, VARIANTS, Bottleneck, resnet, set_impl
 
-from helpers import one_space
+from helpers import FAST, one_space
 
 
 def meta_resnet(depth: int, variant: str) -> nn.Module:
@@ -260,29 +259,44 @@ def test_cli_models_rejects_bad_options(capsys):
     assert main(["models", "--impls", "nope"]) == 2
 
 
-def test_cli_models_timing_rows(capsys, monkeypatch):
-    # one call per measurement instead of bench.measure's loops: this checks the wiring, not the speed
-    calls = []
+def spy_stages(monkeypatch) -> list[tuple[str, str]]:
+    """(impl, stage) of every worker `sasa-bench models` starts, in order (the workers still run)."""
+    started = []
+    real = models_command.run_isolated
 
-    def one_call(fn, device, settings):
-        fn()
-        calls.append(device)
-        return Timing(median_ms=50.0, iqr_ms=0.0, reps=1, confident=True, timer="test")
+    def recording(task, timeout_s):
+        started.append((task["impl"], task["stage"]))
+        return real(task, timeout_s)
 
-    monkeypatch.setattr(measure, "time_call", one_call)
-    monkeypatch.setattr(measure, "peak_memory_bytes", lambda fn, device: 12345)
-    code = main(["models", "--json", "--depths", "26", "--variants", "conv,conv_stem_attention", "--impls", "unfold",
-                 "--device", "cpu", "--res", "32", "--batch", "2"])
-    rows = json.loads(capsys.readouterr().out)
-    assert code == 0 and [r["impl"] for r in rows] == ["conv", "unfold"] and len(calls) == 4
+    monkeypatch.setattr(models_command, "run_isolated", recording)
+    return started
+
+
+def test_models_are_timed_in_isolated_workers_with_noise_flags(monkeypatch):
+    started = spy_stages(monkeypatch)
+    settings = {"depths": [26], "variants": ["conv_stem_attention"], "impls": ["unfold"], "device": torch.device("cpu"),
+                "dtype": torch.float32, "res": 32, "batch": 2, "repeat": 2, "timer": FAST}
+    rows = models_command.collect(settings, timing=True)
+    # a process per stage: the check, the memory, and each repeat's timing apart (no timing after a memory measurement)
+    assert started == [("unfold", "check"), ("unfold", "memory"), ("unfold", "time"), ("unfold", "time")]
+    assert [r["impl"] for r in rows] == ["unfold"]
     for row in rows:
-        assert row["status"] == "ok" and row["res"] == 32 and row["batch"] == 2
-        assert row["infer_images_per_s"] == row["train_images_per_s"] == 2 * 1000 / 50.0
-        assert row["infer_peak_mem_bytes"] == row["train_peak_mem_bytes"] == 12345
+        assert row["status"] == "ok" and row["res"] == 32 and row["batch"] == 2 and row["repeats"] == 2
+        for mode in ("infer", "train"):
+            latencies = row[f"{mode}_repeat_latencies_ms"]
+            assert len(latencies) == 2 and row[f"{mode}_latency_ms"] == pytest.approx(sum(latencies) / 2)
+            assert row[f"{mode}_images_per_s"] == pytest.approx(2 * 1000 / row[f"{mode}_latency_ms"])
+            assert row[f"{mode}_repeat_spread"] == pytest.approx(abs(latencies[0] - latencies[1]) / row[f"{mode}_latency_ms"])
+            assert row[f"{mode}_peak_mem_bytes"] > 0 and row[f"{mode}_latency_iqr_ms"] >= 0
+            assert isinstance(row[f"{mode}_latency_confident"], bool) and isinstance(row[f"{mode}_noisy"], bool)
+            assert isinstance(row[f"{mode}_contended"], bool) and (row[f"{mode}_noisy"] or not row[f"{mode}_contended"])
+    table = one_space(models_command.markdown(rows, settings, True))
+    assert "median of 2 timing(s), each in a fresh worker process" in table and "| infer spread (%) |" in table
 
 
 def test_an_implementation_that_disagrees_with_the_reference_is_not_timed(monkeypatch):
+    started = spy_stages(monkeypatch)
     monkeypatch.setitem(pipeline.TOLERANCE, "float32", -1.0)  # nothing passes
-    monkeypatch.setattr(measure, "time_call", lambda *a, **k: pytest.fail("an incorrect implementation was timed"))
-    row = models_command.time_model(resnet(26, "conv_stem_attention"), "unfold", torch.device("cpu"), torch.float32, 32, 2)
+    row = models_command.time_model(26, "conv_stem_attention", "unfold", torch.device("cpu"), torch.float32, 32, 2, FAST)
     assert row["status"] == "incorrect" and "reference" in row["error"] and "infer_images_per_s" not in row
+    assert started == [("unfold", "check")]

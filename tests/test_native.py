@@ -203,7 +203,7 @@ def test_build_prints_one_line_and_reports_failures(monkeypatch, capsys):
     monkeypatch.setattr(_native_build, "_built", lambda name: False)
     monkeypatch.setattr(cpp_extension, "load", lambda **options: options["name"])
     tag, _ = _native_build.source_tree("cpu")
-    assert _native_build._build("cpu", "sasa_fake", ()) == f"sasa_fake_{tag}"
+    assert _native_build._build("cpu", "sasa_fake", ()) == f"sasa_fake_{_native_build.environment_tag(tag, {})}"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compiling the native CPU kernel" in err
 
@@ -222,7 +222,8 @@ def test_build_prints_one_line_and_reports_failures(monkeypatch, capsys):
 def test_extension_is_built_once_and_named_for_the_isa_and_sources():
     assert _native_build.cpu_extension() is _native_build.cpu_extension()
     tag, root = _native_build.source_tree("cpu")
-    assert _native_build.cpu_extension().__name__ == f"sasa_native_cpu_{_native_build.isa_tag()}_{tag}"
+    name = f"sasa_native_cpu_{_native_build.environment_tag(tag, _native_build.cpu_build_options())}"
+    assert _native_build.cpu_extension().__name__ == name
     assert (root / "sasa_index.h").read_bytes() == (_native_build.CSRC / "sasa_index.h").read_bytes()
     assert (root / "cpu" / "forward.h").exists() and not (root / "cuda").exists()
     assert _native_build.source_tree("cuda")[0] != tag
@@ -234,7 +235,8 @@ CUDA = torch.cuda.is_available() and native.native_available(torch.device("cuda"
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU and the native CUDA kernel")
 CUDA_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 # (batch, heads, H, W, D, k, with_rel, scale): every padded head dim 8 .. 256 (odd D too), partial tiles,
-# k = 19 (several halo chunks), k larger than the image, batch > 1.
+# k = 19 (several halo chunks), k larger than the image, batch > 1. Deliberately the same layout as
+# test_correctness.SHAPES (a table of shapes, other values): `duplicates` lists the pair.
 CUDA_CASES = [
     (2, 2, 13, 21, 8, 7, True, 0.7),
     (1, 3, 9, 35, 16, 19, True, 0.4),

@@ -163,3 +163,15 @@ def test_gate_poisons_outputs_where_an_implementation_can(monkeypatch):
 
 def test_case_fields_lead_the_row_fields():
     assert FIELDS[: len(CASE_FIELDS)] == CASE_FIELDS
+
+
+def test_a_missing_fvcore_is_named_as_such_not_as_a_trace_failure():
+    from bench import fvcore_count
+
+    try:
+        import fvcore_is_absent_here  # noqa: F401
+    except ImportError as error:
+        other = error
+    missing = ImportError("No module named 'fvcore'", name="fvcore")
+    assert fvcore_count.trace_failure(missing) == "not counted: fvcore is not installed"
+    assert "not installed" not in fvcore_count.trace_failure(other)

@@ -54,14 +54,16 @@ def test_gflops_and_peak_fraction_follow_the_convention(frame):
     assert group_table(group(frame, "ci-cpu"), TABLES["peak_fraction"]) is None  # no CPU peak measured there
 
 
-def test_cpu_fraction_of_peak_uses_the_measured_sgemm_peak(tmp_path, capsys):
+def test_cpu_fraction_of_peak_falls_back_to_the_measured_peak_file(tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(FIXTURES, results)
     assert main(["peak", "--out", str(results), "--size", "64,256", "--threads", "1"]) == 0
     assert "GFLOP/s" in capsys.readouterr().out
     peaks = json.loads(next(results.rglob("peak.json")).read_text())
-    gflops, by_size = peaks["float32"]["1"]["gflops"], peaks["float32"]["1"]["by_size"]
-    assert set(by_size) == {"64", "256"} and gflops == max(by_size.values()) > 0  # the best size counts
+    entry = peaks["float32"]["1"]
+    gflops, by_size = entry["gflops"], entry["by_size"]
+    assert set(by_size) == {"64", "256"} and entry["matmul_gflops"] == max(by_size.values()) > 0  # the best size counts
+    assert entry["kind"] == "fma" and gflops == entry["fma_gflops"] > 0  # the peak: the physical FMA rate
     machine = next(results.rglob("peak.json")).parent.name
     for row in read_rows([FIXTURES / "ci-cpu"]):  # the fixture's CPU rows as this machine's, one thread
         append_row(results / machine / "mine.jsonl", {**row, "machine": machine, "threads": 1})
@@ -70,7 +72,7 @@ def test_cpu_fraction_of_peak_uses_the_measured_sgemm_peak(tmp_path, capsys):
     assert len(mine) and (mine.peak_flops == gflops * 1e9).all()
     table = group_table(mine[mine.direction == "fwd"], TABLES["peak_fraction"])
     row = mine[mine.direction == "fwd"].iloc[0]
-    assert f"{100 * row.gflops / gflops:.3g}" in table
+    assert f"{100 * row.gflops / gflops:.3g}" in table and "use the machine's peak.json" in table  # the rows record none
     other = frame[frame.machine == "ci-cpu"]
     assert other.peak_flops.isna().all()  # ci-cpu has no peak file
 
@@ -197,16 +199,18 @@ def test_noisy_latencies_are_marked_and_counted(frame):
             row["latency_iqr_ms"] = 0.25 * row["latency_ms"]
     table = one_space(group_table(group(rows_frame(rows), "ci-cpu"), TABLES["latency"]))
     timed = [r for r in group(rows_frame(rows), "ci-cpu").to_dict("records") if r["status"] == "ok"]
-    noisy = [r for r in timed if r["latency_iqr_ms"] > 0.1 * r["latency_ms"]]
+    # the fixture's unfold k=7 at 32 px has an older row of the same commit 3x slower: both are outliers
+    noisy = [r for r in timed if r["latency_iqr_ms"] > 0.1 * r["latency_ms"] or r["outlier"]]
     cells = [c for line in table.splitlines() if line.startswith("|") for c in line.split("|")]
-    assert len(noisy) >= 1 and sum(c.strip().endswith(NOISY_MARK) for c in cells) == len(noisy)
+    assert len(noisy) == 2 and sum(c.strip().endswith(NOISY_MARK) for c in cells) == len(noisy)
     line = next(l for l in table.splitlines() if l.startswith("| 7 | 64 | 8 | 16 |"))
     headers = next(l for l in table.splitlines() if l.startswith("| k |")).split("|")
     assert line.split("|")[headers.index(" memory_blocks (ms) ")].strip().endswith(NOISY_MARK)
-    assert f"{len(noisy)} of {len(timed)} latencies are noisy" in table
+    assert f"{len(noisy)} of {len(timed)} latencies are noisy" in table and "(1 wide IQR, 1 outlier)" in table
     quiet = one_space(group_table(group(frame, "ci-cpu"), TABLES["latency"]))
-    assert not [line for line in quiet.splitlines() if line.startswith("|") and NOISY_MARK in line]
-    assert "0 of " in quiet.splitlines()[-1]
+    marked = [line for line in quiet.splitlines() if line.startswith("|") and NOISY_MARK in line]
+    assert len(marked) == 1 and marked[0].startswith("| 7 | 64 | 8 | 32 |")
+    assert "1 of " in quiet and "(1 outlier)" in quiet
 
 
 def test_report_writes_index_tables_and_plots(tmp_path, capsys):
@@ -219,7 +223,7 @@ def test_report_writes_index_tables_and_plots(tmp_path, capsys):
     for text in ("## Machines", "| ci-cpu | cpu |", "NVIDIA H100 80GB HBM3", "a715cfd8ad", "2026-11-24",
                  "## h100-sxm: NVIDIA H100 80GB HBM3, bfloat16, fwd+bwd", "**Peak memory** (MiB)",
                  "Fraction of peak FLOP/s (GPU: published", "**oom**", "## Models: ci-cpu", "resnet26-attn",
-                 "latencies are noisy (IQR above 10% of the median)"):
+                 "marked (noisy): IQR above 10% of the median, more than 2x off", "Rows from run ci-cpu-2026-11-24 (commit a715cfd8ad"):
         assert text in readme, text
     images = re.findall(r"\]\(([^)]+\.png)\)", readme)
     assert any("roofline" in i for i in images) and any("latency_vs_res" in i for i in images)
@@ -272,24 +276,27 @@ def test_claim_json_matches_the_design_formulas(tmp_path, capsys, monkeypatch):
 
 
 def test_claim_runs_the_claim_preset_when_nothing_was_measured(tmp_path, capsys, monkeypatch):
-    import bench.runner
+    import bench.interleave
 
     calls = []
 
-    def fake_run_cases(cases, out_dir="results", resume=True, suite=None, progress=True, **kw):
-        calls.append((cases, out_dir, suite))
-        source = FIXTURES / "ci-cpu" / "claim.jsonl"
-        for row in read_rows([source]):
+    def fake_run_interleaved(pairs, out_dir, name, settings, interleave, suite=None, **kw):
+        calls.append((pairs, out_dir, name, suite))
+        rows = list(read_rows([FIXTURES / "ci-cpu" / "claim.jsonl"]))
+        for row in rows:
             append_row(Path(out_dir) / "this-machine" / "claim.jsonl", row)
-        return []
+        return rows
 
-    monkeypatch.setattr(bench.runner, "run_cases", fake_run_cases)
+    monkeypatch.setattr(bench.interleave, "run_interleaved", fake_run_interleaved)
     monkeypatch.setattr(claim_module, "fvcore_counts", lambda: [])
     numbers = run_claim_json(capsys, "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"))
-    (cases, out_dir, suite), = calls
-    assert suite == "claim" and out_dir == str(tmp_path / "results")
-    assert {c.k for c in cases} >= {3, 19} and {c.channels for c in cases} == {D}
+    (pairs, out_dir, name, suite), = calls
+    assert suite == name == "claim" and out_dir == str(tmp_path / "results")
+    assert {c.k for c, _ in pairs} == {3, 7, 11, 15, 19} and {c.channels for pair in pairs for c in pair} == {D}
+    assert {(base.impl, base.k) for _, base in pairs} == {("conv", 3)} and all(c.impl != "conv" for c, _ in pairs)
+    assert all((c.direction, c.dtype, c.res) == (base.direction, base.dtype, base.res) for c, base in pairs)
     assert sorted(m["impl"] for m in numbers["measured"]) == ["im2col_einsum", "memory_blocks", "unfold"]
+    assert len(list(read_rows([tmp_path / "results"]))) == 4  # the rows it measured are in the store
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +442,108 @@ def test_compare_across_machines(tmp_path, capsys):
     assert code == 0 and out.count("**slower**") == timed and "| machine |" not in out
     code, out = compare(capsys, str(tmp_path), str(tmp_path / "new-cpu"))
     assert code == 2 and "A: holds several machines (new-cpu, old-cpu)" in out
+
+
+def crafted_runs(rng: np.random.Generator) -> tuple[list[dict], dict]:
+    """The fixture's ci-cpu k-sweep rows as run A (every case, fresh random latencies), plus a newer run B of
+    another commit holding one of A's cases and one case A lacks; one case of A measured three times (its
+    newest pass 60x off the others) and one row measured contended."""
+    template = [r for r in read_rows([FIXTURES / "ci-cpu" / "k-sweep.jsonl"]) if r["run_id"] == "ci-cpu-2026-11-24"]
+    run_a = [dict(r, latency_ms=float(rng.uniform(1, 10)), latency_iqr_ms=0.0, gflops=None, timestamp="2026-11-24T12:00:00Z")
+             for r in template]
+    shared, outlier, contended = run_a[0], run_a[1], run_a[2]
+    contended["contended"] = True
+    passes = [dict(outlier, repeat=i, latency_ms=1.7 * (1 + 0.01 * i), timestamp=f"2026-11-24T11:0{i}:00Z") for i in (1, 2)]
+    outlier.update(latency_ms=104.0, repeat=0, timestamp="2026-11-24T12:30:00Z")
+    newer = dict(shared, run_id="run-b", commit="b" * 40, latency_ms=shared["latency_ms"] * 3, timestamp="2026-11-25T09:00:00Z")
+    lacking = dict(newer, k=9, latency_ms=float(rng.uniform(1, 10)))
+    return run_a + passes + [newer, lacking], {"shared": shared, "outlier": outlier, "contended": contended, "lacking": lacking}
+
+
+def cell(table: str, row: dict) -> str:
+    headers = next(l for l in table.splitlines() if l.startswith("| k |")).split("|")
+    line = next(l for l in table.splitlines() if l.startswith(f"| {row['k']} | {row['channels']} | {row['heads']} | {row['res']} |"))
+    return line.split("|")[headers.index(f" {row['impl']} (ms) ")].strip()
+
+
+def test_a_table_compares_one_run_and_marks_what_comes_from_another():
+    rows, picked = crafted_runs(np.random.default_rng())
+    frame = rows_frame(rows)
+    table = one_space(group_table(group(frame, "ci-cpu"), TABLES["latency"]))
+    # the newer run B holds only two cases: run A (most cases) is the table's; B fills only the case A lacks
+    assert cell(table, picked["shared"]).startswith(f"{picked['shared']['latency_ms']:.3g}")
+    assert cell(table, picked["shared"]).count("†") == 0 and cell(table, picked["lacking"]).endswith("†")
+    assert sum("†" in line for line in table.splitlines() if line.startswith("| ")) == 1
+    assert "Rows from run ci-cpu-2026-11-24 (commit a715cfd8ad, 2026-11-24)" in table
+    assert "† cells from other runs: run-b (commit bbbbbbbbbb, 2026-11-25)" in table
+    figures = sweep_figures(group(frame, "ci-cpu"), "t", "p")
+    title = next(f.title for f in figures if f.name.startswith("p_latency_vs_k"))
+    assert "run ci-cpu-2026-11-24, commit a715cfd8ad, bbbbbbbbbb; † 1 points from other runs" in title
+    marks = [p for f in figures if f.name.startswith("p_latency_vs_k") for line in f.lines for p in line.points if p.mark]
+    assert [(p.x, p.mark) for p in marks] == [(9.0, "†")]
+
+
+def test_outliers_among_a_cases_rows_and_contended_rows_are_noisy():
+    rows, picked = crafted_runs(np.random.default_rng())
+    frame = rows_frame(rows)
+    table = one_space(group_table(group(frame, "ci-cpu"), TABLES["latency"]))
+    assert cell(table, picked["outlier"]) == f"104 ± 0 {NOISY_MARK}"  # 1.7 ms in its two other passes
+    assert cell(table, picked["contended"]).endswith(NOISY_MARK)
+    timed = sum(r["status"] == "ok" for r in group(frame, "ci-cpu").to_dict("records"))
+    assert f"2 of {timed} latencies are noisy (1 outlier, 1 contended)" in table
+    # the shared case: 3x apart between runs of different commits is a code change, not noise
+    assert not cell(table, picked["shared"]).endswith(NOISY_MARK)
+    every = rows_frame(rows, latest=False)
+    flagged = every[every.outlier]
+    assert flagged["latency_ms"].tolist() == [104.0]
+
+
+def test_fraction_of_peak_uses_the_peak_on_the_row():
+    rng = np.random.default_rng()
+    rows = [r for r in read_rows([FIXTURES / "ci-cpu" / "k-sweep.jsonl"]) if r["run_id"] == "ci-cpu-2026-11-24"]
+    peak = float(rng.uniform(50, 500))
+    for row in rows[:3]:
+        row.update(peak_gflops=peak, peak_kind="native sgemm")
+    fallback = float(rng.uniform(50, 500)) * 1e9
+    frame = rows_frame(rows, measured={("ci-cpu", "float32", rows[5]["threads"]): fallback})
+    by_key = {(r["impl"], r["k"], r["res"], r["channels"]): r for r in frame.to_dict("records")}
+    first, other = by_key[tuple(rows[0][c] for c in ("impl", "k", "res", "channels"))], by_key[tuple(rows[5][c] for c in ("impl", "k", "res", "channels"))]
+    assert first["peak_flops"] == peak * 1e9 and first["peak_source"] == "row (native sgemm)"
+    assert other["peak_flops"] == fallback and other["peak_source"] == "peak.json"
+    table = group_table(group(frame, "ci-cpu"), TABLES["peak_fraction"])
+    assert f"{100 * first['gflops'] / peak:.3g}" in table
+    assert "3 cells use the peak recorded on their row; " in one_space(table) and "use the machine's peak.json" in table
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC Processor
+flags\t\t: fpu sse sse2 sse4_2 avx avx2 fma bmi2
+"""
+ZEN5 = ZEN3.replace("cpu family\t: 25", "cpu family\t: 26").replace("model\t\t: 1", "model\t\t: 2").replace("bmi2", "bmi2 avx512f avx512bw")
+SAPPHIRE = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse4_2 avx avx2 avx512f avx512_bf16 amx_tile
+"""
+
+
+def test_machine_ids_tell_microarchitectures_apart(monkeypatch):
+    from bench import env
+    from bench.schema import normalize
+
+    assert env.cpu_machine_id(ZEN3, 2) == "amd-epyc-f25m1-avx2-2c"
+    assert env.cpu_machine_id(ZEN5, 2) == "amd-epyc-f26m2-avx512-2c"
+    assert env.cpu_machine_id(SAPPHIRE, 8) == "intel-xeon-platinum-8481c-f6m143-avx512-8c"
+    assert env.cpu_identity(ZEN5) == {"cpu_vendor": "amd", "cpu_family": 26, "cpu_model_id": 2, "cpu_isa": "avx512"}
+    assert env.cpu_identity("") == {"cpu_vendor": None, "cpu_family": None, "cpu_model_id": None, "cpu_isa": None}
+    monkeypatch.setenv("SASA_BENCH_MACHINE", "Lab Box 1")
+    assert env.machine_id() == "lab-box-1"
+    # rows written before the identity was recorded keep their folder and get None
+    old = next(read_rows([FIXTURES / "ci-cpu" / "k-sweep.jsonl"]))
+    row = normalize({k: v for k, v in old.items() if not k.startswith("cpu_") and k != "native_isa"})
+    assert row["machine"] == "ci-cpu" and row["cpu_isa"] is row["native_isa"] is row["cpu_family"] is None

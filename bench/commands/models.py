@@ -1,16 +1,24 @@
 """`sasa-bench models`: ResNet-26/38/50 in the three variants: params, MACs, FLOPs, throughput, memory.
 
 Costs are analytic at 224x224 (bench/model_costs.py), printed beside the paper's Table 1 (bench/paper.py)
-with the difference and, where a figure differs from the paper's, the reason. Timing builds each model on
-the device and, per implementation, checks its logits against a float64 copy on the reference implementation
-on a small input, then times inference (eval mode, no grad) and a training step (forward and the gradients of
-every parameter, train mode) through the measuring pipeline (bench.pipeline, bench.measure). CPU timing defaults to a small input (64x64, batch 2), since all nine
-models at 224 take very long on a few CPU cores; the output states what was timed.
+with the difference and, where a figure differs from the paper's, the reason. Timing measures each model and
+implementation the way the runner measures a case, each stage in a fresh worker subprocess
+(bench.runner.run_isolated, task kind "model"; the model is rebuilt there with the same seed): first its
+logits are checked against a float64 copy on the reference implementation on a small input, then the peak
+memory of inference and of a training step is measured, then (in another process: no timing after a
+memory measurement in the same process) inference (eval mode, no grad) and a training step (forward and
+the gradients of every parameter, train mode) are timed by the runner's timer (bench.measure: median,
+IQR, whether it met its confidence); ``--repeat N`` times N times, each in a fresh process, and reports
+the spread between them. A latency whose IQR is above 10% of its median, that missed its confidence,
+whose repeats differ by more than that, or that was timed while other processes loaded the machine
+(bench.contention: contended), is marked (noisy). CPU timing defaults to a small input (64x64,
+batch 2), since all nine models at 224 take very long on a few CPU cores; the output states what was timed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -19,9 +27,9 @@ from sasa_impls.registry import auto_candidates
 from bench import measure, pipeline
 from bench.cli import UsageError, comma_choices, parse_device
 from bench.model_costs import model_costs
-from bench.report.tables import markdown as table_markdown
-from bench.schema import CONV
-from bench.worker import failure_status, message
+from bench.report.tables import NOISY_MARK, NOISY_SPREAD, markdown as table_markdown
+from bench.runner import Settings, _task, run_isolated
+from bench.schema import CONV, Status
 from bench.paper import GFLOPS_TOLERANCE, PARAMS_TOLERANCE_M, compare
 from sasa_impls.models import BLOCKS, VARIANTS, resnet, set_impl
 
@@ -48,6 +56,7 @@ def register(subparsers) -> None:
     parser.add_argument("--res", type=int, default=None, help="timing resolution (default: 224 on cuda, 64 on cpu)")
     parser.add_argument("--batch", type=int, default=None, help="timing batch (default: 32 on cuda, 2 on cpu)")
     parser.add_argument("--no-timing", action="store_true", help="costs only (params, MACs, FLOPs)")
+    parser.add_argument("--repeat", type=int, default=1, help="time each model N times, each in a fresh process (default 1)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of Markdown")
     parser.set_defaults(run=run)
 
@@ -60,35 +69,80 @@ def _positive(value, option: str, default: int) -> int:
     return value
 
 
-def time_model(model: torch.nn.Module, impl: str, device: torch.device, dtype: torch.dtype, res: int, batch: int) -> dict:
-    """Inference and training-step throughput and peak memory of ``model`` backed by ``impl``, measured by
-    the suite's pipeline: its logits are checked first against a float64 copy of the model on the reference
-    implementation (bench.pipeline's tolerance for the dtype); "infer" is the forward without autograd in
-    eval mode, "train" the forward and the gradients of every parameter (and the input) in train mode."""
+MODES = (("infer", "fwd"), ("train", "fwd+bwd"))
+
+
+def _model(task: dict) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
+    """The task's model, built with seed 0 (so every stage's process builds the same weights), on ``impl``."""
+    device, dtype = torch.device(task["device"]), DTYPES[task["dtype"]]
+    torch.manual_seed(0)
+    model = resnet(task["depth"], task["variant"]).to(device, dtype)
+    return (model if task["impl"] == CONV else set_impl(model, task["impl"])), device, dtype
+
+
+def model_task(task: dict) -> dict:
+    """Worker side of one stage of one model (task kind "model"): ``check`` its logits' normalized error
+    against a float64 copy on the reference; ``memory``: the peak memory of one inference and one training
+    call; ``time``: their latencies (bench.measure.time_call with the task's timer settings)."""
+    model, device, dtype = _model(task)
+    if task["stage"] == "check":
+        check = pipeline.module_subject(model.eval(), torch.randn(1, 3, CHECK_RES, CHECK_RES, device=device, dtype=dtype), "fwd")
+        return {"status": Status.OK, "check_error": pipeline.errors_against_reference(check)["output"]}
+    x = torch.randn(task["batch"], 3, task["res"], task["res"], device=device, dtype=dtype)
+    fields: dict = {"status": Status.OK}
+    for mode, direction in MODES:
+        model.train(direction == "fwd+bwd")
+        fn = pipeline.step(pipeline.module_subject(model, x, direction))
+        fn()  # one call first: lazy initialisation and compilation stay out of the measurements
+        if task["stage"] == "memory":
+            fields[f"{mode}_peak_mem_bytes"] = measure.peak_memory_bytes(fn, device)
+            continue
+        timing = measure.time_call(fn, device, measure.TimerSettings(**task["timer"]))
+        fields |= {f"{mode}_latency_ms": timing.median_ms, f"{mode}_latency_iqr_ms": timing.iqr_ms,
+                   f"{mode}_latency_confident": timing.confident, f"{mode}_contended": timing.contended is True}
+    return fields
+
+
+def time_model(depth: int, variant: str, impl: str, device: torch.device, dtype: torch.dtype, res: int, batch: int,
+               settings: Settings = Settings(), repeat: int = 1) -> dict:
+    """Inference and training-step throughput and peak memory of ResNet-``depth`` ``variant`` backed by ``impl``,
+    each stage in a fresh worker (module docstring): logits checked first (bench.pipeline's tolerance for the
+    dtype; an incorrect model is not measured), memory, then ``repeat`` timings; latencies are the median
+    over repeats, ``*_repeat_spread`` (max - min) / median of the repeats' latencies."""
     dtype_name = str(dtype).replace("torch.", "")
-    row = {"impl": impl, "device": str(device), "dtype": dtype_name, "res": res, "batch": batch, "status": "ok", "error": ""}
-    try:
-        if impl != CONV:
-            set_impl(model, impl).eval()
-            check = pipeline.module_subject(model, torch.randn(1, 3, CHECK_RES, CHECK_RES, device=device, dtype=dtype), "fwd")
-            error = pipeline.errors_against_reference(check)["output"]
-            if not error <= pipeline.TOLERANCE[dtype_name]:
-                row.update(status="incorrect", error=f"logits differ from the reference: normalized error {error:.3g}")
-                return row
-        x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
-        for mode, direction in (("infer", "fwd"), ("train", "fwd+bwd")):
-            model.train(direction == "fwd+bwd")
-            fn = pipeline.step(pipeline.module_subject(model, x, direction))
-            fn()  # one call first: lazy initialisation and compilation stay out of the measurements
-            row[f"{mode}_peak_mem_bytes"] = measure.peak_memory_bytes(fn, device)
-            timing = measure.time_call(fn, device, measure.TimerSettings())
-            row[f"{mode}_images_per_s"] = batch * 1000.0 / timing.median_ms
-            row[f"{mode}_latency_ms"] = timing.median_ms
-    except Exception as error:  # the row says what happened (oom, error) and the other models are still timed
-        row.update(status=str(failure_status(error)), error=message(error))
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    row = {"impl": impl, "device": str(device), "dtype": dtype_name, "res": res, "batch": batch, "status": "ok", "error": "",
+           "repeats": repeat}
+    task = {"depth": depth, "variant": variant, "impl": impl, "device": str(device), "dtype": dtype_name, "res": res,
+            "batch": batch, "timer": settings.timer().__dict__}
+
+    def stage(name: str) -> dict:
+        return run_isolated(_task("model", settings, [], **task, stage=name), settings.timeout_s)
+
+    if impl != CONV:
+        checked = stage("check")
+        if checked["status"] != Status.OK:
+            return row | {"status": str(checked["status"]), "error": checked.get("error")}
+        if not checked["check_error"] <= pipeline.TOLERANCE[dtype_name]:
+            return row | {"status": "incorrect", "error": f"logits differ from the reference: normalized error {checked['check_error']:.3g}"}
+    memory = stage("memory")
+    if memory["status"] != Status.OK:
+        return row | {"status": str(memory["status"]), "error": memory.get("error")}
+    row |= {key: value for key, value in memory.items() if key.endswith("_peak_mem_bytes")}
+    timings = []
+    for _ in range(repeat):
+        timed = stage("time")
+        if timed["status"] != Status.OK:
+            return row | {"status": str(timed["status"]), "error": timed.get("error")}
+        timings.append(timed)
+    for mode, _ in MODES:
+        latencies = [t[f"{mode}_latency_ms"] for t in timings]
+        median, iqr = statistics.median(latencies), statistics.median(t[f"{mode}_latency_iqr_ms"] for t in timings)
+        confident, spread = all(t[f"{mode}_latency_confident"] for t in timings), (max(latencies) - min(latencies)) / median
+        contended = any(t[f"{mode}_contended"] for t in timings)
+        row |= {f"{mode}_latency_ms": median, f"{mode}_images_per_s": batch * 1000.0 / median, f"{mode}_latency_iqr_ms": iqr,
+                f"{mode}_latency_confident": confident, f"{mode}_repeat_latencies_ms": latencies,
+                f"{mode}_repeat_spread": spread, f"{mode}_contended": contended,
+                f"{mode}_noisy": not confident or contended or iqr > NOISY_SPREAD * median or spread > NOISY_SPREAD}
     return row
 
 
@@ -110,6 +164,8 @@ def _settings(args) -> dict:
         "dtype": dtype,
         "res": _positive(args.res, "--res", default_res),
         "batch": _positive(args.batch, "--batch", default_batch),
+        "repeat": _positive(args.repeat, "--repeat", 1),
+        "timer": Settings(),
     }
 
 
@@ -122,11 +178,9 @@ def collect(settings: dict, timing: bool) -> list[dict]:
             if not timing:
                 rows.append(costs)
                 continue
-            model = resnet(depth, variant).to(settings["device"], settings["dtype"])
-            impls = [CONV] if variant == "conv" else settings["impls"]
-            for impl in impls:
-                rows.append({**costs, **time_model(model, impl, settings["device"], settings["dtype"], settings["res"], settings["batch"])})
-            del model
+            for impl in [CONV] if variant == "conv" else settings["impls"]:
+                rows.append({**costs, **time_model(depth, variant, impl, settings["device"], settings["dtype"], settings["res"],
+                                                   settings["batch"], settings["timer"], settings["repeat"])})
     return rows
 
 
@@ -176,20 +230,40 @@ def markdown(rows: list[dict], settings: dict, timing: bool) -> str:
     if timing:
         dtype = str(settings["dtype"]).replace("torch.", "")
         headers = ["model", "variant", "impl", "status", "infer img/s", "infer peak MiB", "train img/s", "train peak MiB"]
-        cells = [[row["model"], row["variant"], row["impl"], row["status"], _num(row.get("infer_images_per_s"), 1, 1),
-                  _num(row.get("infer_peak_mem_bytes"), 2**20, 0), _num(row.get("train_images_per_s"), 1, 1),
-                  _num(row.get("train_peak_mem_bytes"), 2**20, 0)] for row in rows]
+        headers[5:5] = ["infer spread (%)"]
+        headers += ["train spread (%)"]
+        cells = [[row["model"], row["variant"], row["impl"], row["status"], _throughput(row, "infer"), _spread(row, "infer"),
+                  _num(row.get("infer_peak_mem_bytes"), 2**20, 0), _throughput(row, "train"),
+                  _num(row.get("train_peak_mem_bytes"), 2**20, 0), _spread(row, "train")] for row in rows]
         lines += [
             "",
             f"Timing on {settings['device']}, {dtype}, batch {settings['batch']}, {settings['res']}x{settings['res']} input "
-            "(median; train = forward and the gradients of every parameter, in train mode; peak memory = what one call needs "
-            "above the weights and inputs: CUDA allocator peak, or peak RSS growth on CPU).",
+            f"(median of {settings['repeat']} timing(s), each in a fresh worker process; spread = (max - min) / median "
+            "latency of the repeats, or IQR / median of one; train = forward and the gradients of every parameter, in "
+            "train mode; peak memory, measured in a process of its own = what one call needs above the weights and inputs: "
+            f"CUDA allocator peak, or peak RSS growth on CPU). {NOISY_MARK}: IQR or repeat spread above "
+            f"{NOISY_SPREAD:.0%} of the median, the timer missed its confidence, or other processes loaded the machine "
+            "while it was timed (contended): measure again before relying on it.",
             "",
             table_markdown(headers, cells),
         ]
         errors = [f"- {row['model']} {row['variant']} {row['impl']}: {row['status']}: {row['error']}" for row in rows if row["error"]]
         lines += [""] + errors if errors else []
     return "\n".join(lines)
+
+
+def _throughput(row: dict, mode: str) -> str:
+    text = _num(row.get(f"{mode}_images_per_s"), 1, 1)
+    return f"{text} {NOISY_MARK}" if text and row.get(f"{mode}_noisy") else text
+
+
+def _spread(row: dict, mode: str) -> str:
+    """The repeats' spread (several repeats) or the one timing's IQR, in % of the median latency."""
+    latency = row.get(f"{mode}_latency_ms")
+    if latency is None:
+        return ""
+    spread = row[f"{mode}_repeat_spread"] if row.get("repeats", 1) > 1 else row[f"{mode}_latency_iqr_ms"] / latency
+    return f"{100 * spread:.0f}"
 
 
 def run(args) -> int:

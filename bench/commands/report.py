@@ -22,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     frame = load(args.results, problems=problems)
     report_problems(problems)
-    if frame.empty:
+    if frame.empty and not frame.attrs.get("profiles"):
         raise UsageError(f"--results: no result rows under {' '.join(args.results)} (run `sasa-bench run` first)")
     readme = write_report(frame, args.out, args.results)
-    print(f"wrote {readme} ({len(frame)} rows)")
+    profiles = len(frame.attrs.get("profiles") or [])
+    print(f"wrote {readme} ({len(frame)} rows" + (f", {profiles} profile rows)" if profiles else ")"))
     return 0

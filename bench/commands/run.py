@@ -11,7 +11,7 @@ import sasa_impls
 
 from .. import store
 from ..cases import PRESETS, RELATIVE_MODES, default_impls, grid, preset
-from ..cli import UsageError, comma_choices, comma_ints, comma_list, parse_device
+from ..cli import UsageError, check_name, check_threads, comma_choices, comma_ints, comma_list, parse_device
 from ..plugins import load_plugins
 from ..ray_executor import cluster_device, ray_executor
 from ..runner import Executor, Settings, measure_locally, results_path, run_cases
@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--threads", type=int, default=DEFAULT.threads, help=f"CPU threads, recorded in the rows (default {DEFAULT.threads})")
     add("--memory-limit", type=float, help="cap each case's address space growth, in MiB (RLIMIT_AS)")
     add("--quiet", action="store_true", help="no progress lines")
+    add("--allow-concurrent", action="store_true",
+        help="another sasa-bench run measuring on this machine is intended: no warning (rows still record the load)")
     add("--executor", choices=("local", "ray"), default="local",
         help="local: one case after another on this machine (default); ray: each case a Ray task on a Ray "
              "cluster, one GPU or --threads CPUs each (needs pip install -e '.[distributed]')")
@@ -67,15 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_settings(args: argparse.Namespace) -> Settings:
     """The measurement settings the flags ask for; UsageError naming the flag for bad input."""
-    for flag, value, low in (("repeat", args.repeat, 1), ("reps", args.reps, 1), ("warmup", args.warmup, 0), ("threads", args.threads, 1)):
+    for flag, value, low in (("repeat", args.repeat, 1), ("reps", args.reps, 1), ("warmup", args.warmup, 0)):
         if value < low:
             raise UsageError(f"--{flag}: expected an integer >= {low}, got {value}")
+    check_threads("threads", args.threads)
     for flag, value in (("timeout", args.timeout), ("memory-limit", args.memory_limit), ("max-time", args.max_time),
                         ("confidence", args.confidence)):
         if value is not None and not value > 0:
             raise UsageError(f"--{flag}: expected a positive number, got {value}")
     if not args.min_time >= 0:
         raise UsageError(f"--min-time: expected a number >= 0, got {args.min_time}")
+    if args.min_time > args.max_time:
+        raise UsageError(f"--min-time: {args.min_time:g} s is more than --max-time {args.max_time:g} s")
     limit = int(args.memory_limit * 2**20) if args.memory_limit else None
     return Settings(warmup=args.warmup, reps=args.reps, min_time_s=args.min_time, max_time_s=args.max_time,
                     confidence=args.confidence, threads=args.threads, timeout_s=args.timeout, memory_limit_bytes=limit)
@@ -109,7 +114,8 @@ def build_cases(args: argparse.Namespace) -> list:
     device = cluster_device(args.device) if args.executor == "ray" else parse_device(args.device)
     dtypes = comma_choices("dtype", args.dtype, DTYPES)
     directions = comma_choices("direction", args.direction, DIRECTIONS)
-    impls = comma_choices("impl", args.impl, sasa_impls.list_impls() + [CONV]) if args.impl else default_impls(device, dtypes[0])
+    impls = (comma_choices("impl", args.impl, sasa_impls.list_impls() + [CONV]) if args.impl is not None
+             else default_impls(device, dtypes[0]))
     more = {"levels": comma_choices("level", args.level, LEVELS), "relative": comma_choices("relative", args.relative, RELATIVE_MODES),
             "options": impl_options(args.impl_option, impls)}
     if args.suite:
@@ -165,6 +171,8 @@ def summary_table(rows: list[dict]) -> Table:
 def run(args: argparse.Namespace) -> int:
     load_plugins()
     settings = check_settings(args)
+    if args.name is not None:
+        check_name("name", args.name)
     executor = choose_executor(args)
     cases = build_cases(args)
     path = results_path(args.out, args.name or args.suite or "adhoc")
@@ -173,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(f"--out: {error}") from None
     rows = run_cases(cases, args.out, resume=args.resume, suite=args.suite, progress=not args.quiet,
-                     name=args.name, repeat=args.repeat, settings=settings, executor=executor)
+                     name=args.name, repeat=args.repeat, settings=settings, executor=executor,
+                     allow_concurrent=args.allow_concurrent)
     Console(width=250).print(summary_table(rows))
     print(f"{len(rows)} row(s) appended to {path}")
     return 0

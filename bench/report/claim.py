@@ -16,6 +16,7 @@ from bench.flops import (ACCOUNTINGS, attention_macs_per_pixel, attention_params
 from bench.schema import CONV, Case
 
 from .load import as_number, is_ok
+from .profile import claim_explanations
 from .plots import Line, LinePlot, Point
 from .tables import fmt, markdown
 
@@ -100,9 +101,23 @@ def fvcore_counts(d: int = D, res: int = 20) -> list[dict]:
     return entries
 
 
+def latency_ratio(row: dict, conv: dict) -> dict:
+    """The row's latency / the conv's: measured interleaved (bench/interleave.py: the median of per-round
+    ratios with its 95% interval and rounds) where the row has it, else the quotient of the two medians
+    (rows measured one after another: no interval)."""
+    if not (is_ok(row) and is_ok(conv)):
+        return {"latency_ratio": None, "latency_ratio_low": None, "latency_ratio_high": None, "rounds": None}
+    if as_number(row.get("latency_ratio")) is not None:
+        return {key: as_number(row.get(key)) for key in ("latency_ratio", "latency_ratio_low", "latency_ratio_high")} | {
+            "rounds": int(as_number(row.get("rounds")) or 0) or None}
+    return {"latency_ratio": as_number(row["latency_ms"]) / as_number(conv["latency_ms"]), "latency_ratio_low": None,
+            "latency_ratio_high": None, "rounds": None}
+
+
 def measured(frame: pd.DataFrame, d: int = D) -> list[dict]:
     """SASA2d k = 19 per implementation variant vs Conv2d k = 3 at the same machine/device/dtype/direction/res/batch
-    (layer rows only: the claim is about layers)."""
+    (layer rows only: the claim is about layers), with where the rows come from (run, commit) and the ratio
+    at every measured k (``ratios_by_k``: k -> [ratio, low, high])."""
     if frame.empty:
         return []
     rows = [r for r in frame.to_dict("records") if as_number(r.get("channels")) == d and r.get("level") == "layer"]
@@ -115,15 +130,29 @@ def measured(frame: pd.DataFrame, d: int = D) -> list[dict]:
             continue
         both = is_ok(row) and is_ok(conv)
         memory = as_number(row.get("peak_mem_bytes")), as_number(conv.get("peak_mem_bytes"))
+        siblings = [r for r in rows if r["series"] == row["series"] and all(r[c] == row[c] for c in where)]
+        by_k = {int(as_number(r["k"])): latency_ratio(r, conv) for r in sorted(siblings, key=lambda r: as_number(r["k"]))}
         out.append({
             **{c: row[c] for c in where}, "device_name": row.get("device_name"), "impl": row["series"],
             "status": row.get("status") if not is_ok(row) else ("conv " + str(conv.get("status")) if not is_ok(conv) else "ok"),
             "latency_ms": as_number(row.get("latency_ms")), "conv_latency_ms": as_number(conv.get("latency_ms")),
-            "latency_ratio": as_number(row["latency_ms"]) / as_number(conv["latency_ms"]) if both else None,
+            **latency_ratio(row, conv),
             "peak_mem_bytes": memory[0], "conv_peak_mem_bytes": memory[1],
             "memory_ratio": memory[0] / memory[1] if both and memory[0] is not None and memory[1] else None,
+            "run_id": row.get("run_id"), "conv_run_id": conv.get("run_id"), "commit": row.get("commit"),
+            "contended": row.get("contended") is True or conv.get("contended") is True,
+            "ratios_by_k": {k: [v["latency_ratio"], v["latency_ratio_low"], v["latency_ratio_high"]] for k, v in by_k.items()},
         })
     return sorted(out, key=lambda m: tuple(str(m[c]) for c in (*where, "impl")))
+
+
+def _interval(entry: dict) -> str:
+    """' (95% interval 2.21-2.40, 30 rounds)' for an interleaved ratio, '' otherwise."""
+    loaded = "; measured contended: other processes loaded the machine, rerun on a quiet one" if entry.get("contended") else ""
+    if entry.get("latency_ratio_low") is None:
+        return f" ({loaded[2:]})" if loaded else ""
+    return (f" (95% interval {entry['latency_ratio_low']:.2f}-{entry['latency_ratio_high']:.2f}, {entry['rounds']} rounds "
+            f"interleaved{loaded})")
 
 
 def verdicts(numbers: dict) -> dict[str, list[str]]:
@@ -154,8 +183,8 @@ def verdicts(numbers: dict) -> dict[str, list[str]]:
         memory = f"{best['memory_ratio']:.2f} x its peak memory" if best["memory_ratio"] is not None else "memory not measured"
         same = ratio <= 1 + SAME_COST
         by_device.append(
-            head + f"the fastest SASA2d k={ATTENTION_K} ({best['impl']}) takes {ratio:.2f} x the time of Conv2d k={CONV_K} "
-            f"and {memory}; in measured time the claim {'holds' if same else 'does not hold'}"
+            head + f"the fastest SASA2d k={ATTENTION_K} ({best['impl']}) takes {ratio:.2f} x the time of Conv2d k={CONV_K}"
+            f"{_interval(best)} and {memory}; in measured time the claim {'holds' if same else 'does not hold'}"
             + (f" (not timed: {failed})." if failed else "."))
     return {"accountings": by_accounting, "devices": by_device}
 
@@ -175,6 +204,7 @@ def claim_data(frame: pd.DataFrame) -> dict:
     numbers["fvcore"] = fvcore_counts()
     numbers["measured"] = measured(frame)
     numbers["verdicts"] = verdicts(numbers)
+    numbers["profile"] = claim_explanations(frame.attrs.get("profiles") or [], D, ATTENTION_K, CONV_K)
     return numbers
 
 
@@ -232,14 +262,25 @@ def claim_markdown(numbers: dict, figure_files: list[str]) -> str:
     if numbers["measured"]:
         parts += [markdown(
             ["machine", "device", "dtype", "direction", "res (px)", "batch", "impl", "latency (ms)", "conv latency (ms)",
-             "latency ratio (×)", "memory ratio (×)"],
+             "latency ratio (×)", "95% interval", "memory ratio (×)", "run", "commit"],
             [[m["machine"], m["device_name"], m["dtype"], m["direction"], m["res"], m["batch"], m["impl"],
               fmt(m["latency_ms"]) if m["status"] == "ok" else f"**{m['status']}**", fmt(m["conv_latency_ms"]),
-              _ratio(m["latency_ratio"]), _ratio(m["memory_ratio"])] for m in numbers["measured"]]), ""]
+              _ratio(m["latency_ratio"]), _range(m["latency_ratio_low"], m["latency_ratio_high"]), _ratio(m["memory_ratio"]),
+              m["run_id"] if m["run_id"] == m["conv_run_id"] else f"{m['run_id']} (conv: {m['conv_run_id']})",
+              str(m["commit"] or "")[:10]] for m in numbers["measured"]]), "",
+            "A ratio with an interval was measured interleaved with the conv in one worker (bench/interleave.py: the "
+            "median of per-round ratios, bootstrap 95% interval over rounds); one without it divides two medians "
+            "measured one after another, and moves with the machine's drift between them.", ""]
         parts += [f"- {v}" for v in numbers["verdicts"]["devices"]]
     else:
         parts += ["No measurements with channels = 128, attention k = 19 and conv k = 3 at the same shape yet."]
+    if numbers.get("profile"):
+        parts += ["", "## Where the ratio comes from (`sasa-bench profile`)", "", *[f"- {v}" for v in numbers["profile"]]]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _range(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f"{low:.2f}-{high:.2f}"
 
 
 def _ratio(value: float | None) -> str:

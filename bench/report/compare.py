@@ -112,6 +112,36 @@ def _change(a: dict, b: dict, threshold: float) -> dict:
     return entry
 
 
+def interleaved_entries(pairs: list[tuple[dict, dict]], threshold: float = 0.05) -> list[dict]:
+    """One entry per (A row, B row) measured interleaved (bench/interleave.py; B's row carries the ratio B / A
+    and its 95% interval): beyond noise when the interval excludes 1 and the ratio differs from 1 by more
+    than ``threshold``; the fields :func:`failures` and :func:`interleaved_markdown` read."""
+    entries = []
+    for a, b in pairs:
+        ratio, low, high = (as_number(b.get(k)) for k in ("latency_ratio", "latency_ratio_low", "latency_ratio_high"))
+        both = is_ok(a) and is_ok(b) and ratio is not None
+        beyond = both and (low > 1 or high < 1) and abs(ratio - 1) > threshold
+        mark = ("slower" if ratio > 1 else "faster") if beyond else (f"now {b.get('status')}" if is_ok(a) and not is_ok(b) else "")
+        entries.append({**{k: a[k] for k in SHOWN if k in a and k != "series"}, "a_series": series(a), "b_series": series(b),
+                        "a_ms": as_number(a.get("latency_ms")), "b_ms": as_number(b.get("latency_ms")),
+                        "a_status": a.get("status"), "b_status": b.get("status"), "ratio": ratio if both else None,
+                        "low": low if both else None, "high": high if both else None, "rounds": b.get("rounds"),
+                        "mark": mark, "beyond_noise": beyond, "regression": is_ok(a) and not is_ok(b)})
+    return entries
+
+
+def interleaved_markdown(entries: list[dict]) -> str:
+    """The interleaved comparison as a Markdown table, slowest change first."""
+    keys = ("k", "channels", "heads", "res", "batch", "dtype", "device", "direction", "level")
+    ordered = sorted(entries, key=lambda e: -(e["ratio"] or 0))
+    rows = [[str(e[k]) for k in keys] + [
+        fmt(e["a_ms"]) if e["a_status"] == "ok" else str(e["a_status"]), fmt(e["b_ms"]) if e["b_status"] == "ok" else str(e["b_status"]),
+        f"{e['ratio']:.3f}" if e["ratio"] else "n/a", f"{e['low']:.3f}-{e['high']:.3f}" if e["ratio"] else "",
+        str(e["rounds"] or ""), f"**{e['mark']}**" if e["mark"] else ""] for e in ordered]
+    a, b = entries[0]["a_series"], entries[0]["b_series"]
+    return markdown(list(keys) + [f"A: {a} (ms)", f"B: {b} (ms)", "B / A (×)", "95% interval", "rounds", "beyond noise"], rows)
+
+
 def failures(entries: list[dict], limit: float) -> list[dict]:
     """Cases slowed down beyond noise by more than ``limit`` (a ratio), or that stopped running."""
     return [e for e in entries if e["regression"] or (e["beyond_noise"] and e["ratio"] > limit)]

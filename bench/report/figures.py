@@ -12,7 +12,7 @@ from .load import SWEEP_COLUMNS, as_number
 from .metrics import METRICS, Metric
 from .peaks import gpu_peak, peak_flops
 from .plots import Line, LinePlot, Point, Roofline
-from .tables import impl_order
+from .tables import OTHER_RUN_MARK, impl_order
 
 X_LABELS = {"k": "kernel size k", "res": "resolution (px, square input)", "channels": "channels (d_in = d_out)"}
 LOG_X = {"k": False, "res": True, "channels": True}
@@ -77,18 +77,28 @@ def _sweep(group: pd.DataFrame, sweep: Sweep, title: str, prefix: str) -> list[L
         where = ", ".join(f"{c}={v:g}" if isinstance(v, (int, float)) else f"{c}={v}" for c, v in setting.items())
         figures.append(LinePlot(
             name=slug(prefix, sweep.metric, "vs", sweep.x, *(f"{c}{v}" for c, v in setting.items())),
-            title=f"{metric.title} vs {sweep.x}: {title}\n{where}",
+            title=f"{metric.title} vs {sweep.x}: {title}\n{where}\n{run_line(rows)}",
             x_label=X_LABELS[sweep.x], y_label=metric.label, lines=lines, log_x=LOG_X[sweep.x], log_y=metric.log,
             references=references,
         ))
     return figures
 
 
+def run_line(rows: list[dict]) -> str:
+    """The figure's run and commit(s), and how many of its points (marked †) come from other runs."""
+    runs = sorted({str(r["table_run"]) for r in rows if r.get("table_run")})
+    commits = sorted({str(r.get("commit") or "?")[:10] for r in rows})
+    others = sum(r.get("other_run") is True for r in rows)
+    return (f"run {', '.join(runs) or 'unknown'}, commit {', '.join(commits)}"
+            + (f"; {OTHER_RUN_MARK} {others} points from other runs" if others else ""))
+
+
 def _lines(rows: list[dict], x: str, metric: Metric) -> list[Line]:
     """One line per implementation: (x, value) points, or (x, None, status) where there is no value."""
     lines = []
     for impl in impl_order([r["series"] for r in rows]):
-        points = [Point(float(r[x]), metric.of(r), r.get("status") or "n/a") for r in rows if r["series"] == impl]
+        points = [Point(float(r[x]), metric.of(r), r.get("status") or "n/a", OTHER_RUN_MARK if r.get("other_run") is True else "")
+                  for r in rows if r["series"] == impl]
         lines.append(Line(impl, sorted(points, key=lambda p: p.x)))
     return lines
 

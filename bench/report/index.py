@@ -11,6 +11,7 @@ import pandas as pd
 from .figures import roofline, slug, sweep_figures
 from .load import GROUP_COLUMNS
 from .plots import save
+from .profile import profile_section
 from .tables import TABLES, fmt, group_table, markdown
 
 HOW_TO_READ = """\
@@ -20,11 +21,15 @@ nn.Conv2d k x k baseline). A **bold word** in place of a number is the case's st
 memory), `timeout`, `error`, `incorrect` (output did not match the reference, so it was not timed),
 `unsupported` (the implementation does not run on that device/dtype). Plots mark those cases with an x,
 labelled with the status, in a shaded band above every curve. A latency marked (noisy) has an IQR above 10%
-of its median; each latency table says how many were. Throughput = 2 x analytic MACs x (1 for fwd, 3 for
+of its median, or is more than 2x off the median of the same case's other rows on the same machine and commit
+(repeat passes, other runs), or was measured while other processes loaded the machine (`contended`); each
+latency table says how many were and why. One table compares one run: each table and plot names its run
+(the run that measured most of its cases, the newest on a tie) and commit; a cell or a point taken from another
+run (where that run lacks the case) is marked †, and the runs it comes from are listed under the table. Throughput = 2 x analytic MACs x (1 for fwd, 3 for
 fwd+bwd) / median latency; the analytic MACs count the relative logits per key for `unfold` and factorized
-for the others (see docs/design.md). Fraction of peak: on GPUs of the published dense peak, on CPUs of the
-best GFLOP/s of square matrix products (512 to 4096) measured on that machine at the same thread count
-(`sasa-bench peak`; bench/report/peaks.py); oneDNN's convolutions can exceed it (above 100%). The roofline (GPUs) counts compulsory traffic only (input, output and weights moved
+for the others (see docs/design.md). Fraction of peak: of the peak recorded on the row where it has one; else
+on GPUs of the published dense peak, on CPUs of the best GFLOP/s of square matrix products (512 to 4096) measured
+on that machine at the same thread count (`sasa-bench peak`; bench/report/peaks.py): the table says which; oneDNN's convolutions can exceed it (above 100%). The roofline (GPUs) counts compulsory traffic only (input, output and weights moved
 once per pass)."""
 
 
@@ -34,13 +39,14 @@ def write_report(frame: pd.DataFrame, out_dir: str | os.PathLike, sources: Itera
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(s) for s in sources]
     parts = ["# sasa-bench report", "",
-             f"From {len(frame)} result rows (latest run per machine and case) under {', '.join(sources) or 'the given rows'}.",
+             f"From {len(frame)} result rows (per table one run, see How to read) under {', '.join(sources) or 'the given rows'}.",
              "", "## Machines", "", machines_table(frame), "", "## How to read", "", HOW_TO_READ, ""]
     if (out_dir / "claim.md").exists():
         parts += ["The k = 19 vs k = 3 cost claim: [claim.md](claim.md).", ""]
     for values, group in frame.groupby(list(GROUP_COLUMNS), sort=True, dropna=False):
         parts += group_section(dict(zip(GROUP_COLUMNS, values)), group, out_dir)
     parts += models_section(sources)
+    parts += profile_section(frame.attrs.get("profiles") or [], out_dir)
     readme = out_dir / "README.md"
     readme.write_text("\n".join(parts).rstrip() + "\n")
     return readme

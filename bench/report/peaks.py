@@ -2,8 +2,11 @@
 
 GPUs (dense, no sparsity): fp32 is the non-tensor-core rate (the suite measures with TF32 off); fp16 and
 bf16 are the dense tensor-core rates. Names are matched as substrings of the NVML name, first match wins.
-CPUs: the best GFLOP/s of square matrix products (several sizes) measured by `sasa-bench peak` on the machine itself, per dtype
-and thread count, in ``<results>/<machine>/peak.json``.
+CPUs: the physical FMA peak (kind "fma": the native extension's loop of independent vector FMAs; "matmul" for dtypes
+without one, the best square matrix product) measured by `sasa-bench peak` on the machine itself, per dtype and
+thread count, in ``<results>/<machine>/peak.json``. Each row measured since records the peak that held then
+(``peak_gflops``, ``peak_kind``: :func:`recorded_peak`), so re-measuring the peak never rewrites old rows; rows
+from before fall back to the file (whose entries then had the matmul rate).
 """
 from __future__ import annotations
 
@@ -71,10 +74,26 @@ def measured_peaks(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, str, i
     return found
 
 
+def recorded_peak(out_dir: str | os.PathLike, machine: str | None, device: str, dtype, threads: int) -> dict:
+    """The row fields of the CPU peak that holds now for (machine, dtype, threads): ``peak_gflops`` and
+    ``peak_kind`` from ``<out_dir>/<machine>/peak.json``, None where none was measured (or on GPUs)."""
+    entry = None
+    if machine and not str(device).startswith("cuda"):
+        try:
+            entry = json.loads((Path(out_dir) / machine / PEAK_FILE).read_text()).get(dtype_name(dtype), {}).get(str(threads))
+        except (OSError, ValueError):
+            entry = None
+    return {"peak_gflops": entry["gflops"] if entry else None, "peak_kind": entry.get("kind", "matmul") if entry else None}
+
+
 def row_peak(row: dict, measured: dict[tuple[str, str, int], float]) -> float | None:
-    """The peak FLOP/s a row is compared with: its GPU's published one, or its CPU's measured one (same threads)."""
+    """The peak FLOP/s a row is compared with: its GPU's published one, else the CPU peak the row recorded when
+    measured, else its CPU's measured one in the peak file (same threads)."""
     if str(row.get("device", "")).startswith("cuda"):
         return peak_flops(row.get("device_name"), row.get("dtype"))
+    recorded = row.get("peak_gflops")
+    if isinstance(recorded, (int, float)) and recorded == recorded and recorded > 0:
+        return float(recorded) * 1e9
     try:
         threads = int(row.get("threads"))
     except (TypeError, ValueError):  # missing (None, NaN)

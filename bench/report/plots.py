@@ -31,6 +31,7 @@ class Point:
     x: float
     y: float | None
     status: str = "ok"
+    mark: str = ""  # drawn beside the point (figures: "†" for a point from another run than the figure's)
 
 
 @dataclass
@@ -147,6 +148,9 @@ def render_lines(spec: LinePlot) -> Figure:
         color = colors[index % len(colors)]
         ok = sorted((p.x, p.y) for p in line.points if p.y is not None)
         ax.plot([x for x, _ in ok], [y for _, y in ok], color=color, label=line.label, **line_style(index))
+        for point in line.points:
+            if point.mark and point.y is not None:
+                ax.annotate(point.mark, (point.x, point.y), xytext=(4, 4), textcoords="offset points", color=color, fontsize=9)
         failed = [p for p in line.points if p.y is None]
         if failed:
             failing.append((color, failed))

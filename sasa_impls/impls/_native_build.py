@@ -1,25 +1,37 @@
 """Just-in-time build of the native extensions (sources in ``sasa_impls/csrc``) and why they cannot run.
 
 ``cpu_extension()`` and ``cuda_extension()`` compile on first use with ``torch.utils.cpp_extension.load``
-into torch's extension cache (~/.cache/torch_extensions), printing one line to stderr while a compile is
-due. The sources are first copied to a directory of that cache named by a hash of their contents, and
-the extension's name carries the same hash: checkouts and installed wheels with the same sources (asv
-builds one per commit) share one build instead of recompiling. The CPU kernel is compiled with
-``-march=native``, so its name also carries a short hash of the CPU's ISA flags: a cache shared by
-machines with other ISAs (one home directory) never loads a binary built for another CPU. A failed
-build raises a RuntimeError ending with the compiler's last error lines, and ``native_available``
-reports its first error line from then on. ``native_available`` itself never compiles anything.
+into torch's extension cache (~/.cache/torch_extensions), printing one line to stderr whenever a compile
+is due (a rebuild too: ninja is asked first). The sources are first copied to a directory of that cache
+named by a hash of their contents: checkouts and installed wheels with the same sources (asv builds one
+per commit) share one build instead of recompiling. The extension's name carries a hash of those
+sources and of the environment (:func:`environment_tag`: torch's version, build and headers, Python, the
+compiler, the flags, the CPU's ISA flags, since the CPU kernel is built with ``-march=native``), so
+environments sharing a cache never load or rebuild each other's binary.
+
+A build is safe against a killed run: it holds an flock in its build folder (:func:`build_lock`; a waiting
+build says so in one line, and torch's own lock file left by a killed build is removed), and ninja gets
+SIGTERM when the building process dies, so no compiler outlives it. A failed build raises a RuntimeError
+ending with the compiler's last error lines, and ``native_available`` reports its first error line from
+then on. ``native_available`` itself never compiles anything.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -33,6 +45,11 @@ DTYPES = {
 }
 # "cpu" / "cuda" -> the first error line of this process's failed build
 _FAILURES: dict[str, str] = {}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
 
 
 def cpu_flags() -> str:
@@ -44,11 +61,6 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return f"{platform.machine()} {platform.processor()}"
-
-
-def isa_tag() -> str:
-    """Short hash of the ISA flags: part of the CPU extension's name."""
-    return hashlib.sha1(cpu_flags().encode()).hexdigest()[:8]
 
 
 def _ninja_on_path() -> bool:
@@ -116,27 +128,104 @@ def source_tree(device_type: str) -> tuple[str, Path]:
     return tag, root
 
 
+def environment_tag(tag: str, options: dict) -> str:
+    """Short hash of everything a build depends on beyond the sources' ``tag``: torch (version, build,
+    CUDA, install folder: its headers), Python, the compiler, the flags and the CPU's ISA flags. Part of
+    the extension's name, so two environments sharing a cache never rebuild each other's binary."""
+    compiler = os.environ.get("CXX", "c++")
+    parts = (tag, torch.__version__, torch.version.git_version, str(torch.version.cuda), str(Path(torch.__file__).parent),
+             sys.version, shutil.which(compiler) or compiler, repr(sorted(options.items())), cpu_flags())
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:10]
+
+
 def _built(name: str) -> bool:
-    """Whether torch's cache already holds ``name``'s library (its name fixes sources and flags)."""
+    """Whether torch's cache holds ``name``'s library and ninja has nothing to redo for it (a build
+    that a change of headers or flags would redo counts as not built, so its message is shown)."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    folder = Path(_get_build_directory(name, verbose=False))
+    if not (folder / f"{name}.so").exists():
+        return False
+    if not (folder / "build.ninja").exists() or not _ninja_on_path():
+        return True
+    dry_run = subprocess.run(["ninja", "-n", "-C", str(folder)], capture_output=True, text=True)
+    return dry_run.returncode == 0 and "no work to do" in dry_run.stdout
+
+
+def _die_with_parent() -> None:  # runs in the forked child, before exec
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _build_tool_dies_with_us() -> Iterator[None]:
+    """Within: the processes torch's build starts (ninja) get SIGTERM when this process dies (Linux
+    PR_SET_PDEATHSIG); ninja then stops its compilers, which run in process groups of their own, so a
+    killed run leaves no compiler behind. Elsewhere nothing changes."""
+    from torch.utils import cpp_extension
+
+    if _PRCTL is None:
+        yield
+        return
+    shim = types.ModuleType("subprocess")
+    shim.__dict__.update(vars(subprocess))
+    shim.run = functools.partial(subprocess.run, preexec_fn=_die_with_parent)
+    cpp_extension.subprocess = shim
+    try:
+        yield
+    finally:
+        cpp_extension.subprocess = subprocess
+
+
+@contextlib.contextmanager
+def build_lock(name: str) -> Iterator[None]:
+    """Within: this process alone builds or loads ``name`` (an flock on ``sasa.lock`` in its build
+    folder, with the holder's pid; the kernel drops it when its holder dies). A build waiting on a live
+    holder says so in one line. torch's own ``lock`` file found while holding it was left by a killed
+    build (torch waits on it forever): it is removed, in one line too."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    fd = os.open(folder / "sasa.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            print(f"sasa_impls: waiting for process {owner}, which is building or loading {name} in {folder}...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        stale = folder / "lock"
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+            print(f"sasa_impls: removed {stale}, a build lock left by a killed build", file=sys.stderr, flush=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def load_extension(name: str, sources: list[str], announce: str, **options):
+    """``torch.utils.cpp_extension.load`` under :func:`build_lock`, with the build tool dying with this
+    process; ``announce`` is printed (one line, stderr) when a compile is due."""
+    from torch.utils import cpp_extension
+
+    with build_lock(name), _build_tool_dies_with_us():
+        if not _built(name):
+            print(announce, file=sys.stderr, flush=True)
+        return cpp_extension.load(name=name, sources=sources, verbose=False, **options)
 
 
 def _build(device_type: str, name: str, sources: tuple[str, ...], **options):
-    from torch.utils import cpp_extension
-
     problem = toolchain_problem(device_type)
     if problem:
         raise RuntimeError(f"sasa_impls: cannot build the native {device_type} kernel: {problem}")
     tag, root = source_tree(device_type)
-    name = f"{name}_{tag}"
-    if not _built(name):
-        print(f"sasa_impls: compiling the native {device_type.upper()} kernel "
-              "(once per machine and source version, about a minute)...", file=sys.stderr, flush=True)
+    name = f"{name}_{environment_tag(tag, options)}"
     try:
-        return cpp_extension.load(name=name, sources=[str(root / s) for s in sources], extra_include_paths=[str(root)],
-                                  verbose=False, **options)
+        return load_extension(name, [str(root / s) for s in sources],
+                              f"sasa_impls: compiling the native {device_type.upper()} kernel (once per machine, source "
+                              "version, torch and flags; about a minute)...", extra_include_paths=[str(root)], **options)
     except Exception as error:  # compiler errors arrive as RuntimeError with the build's output
         errors = _error_lines(str(error))
         _FAILURES[device_type] = errors[0]
@@ -149,17 +238,22 @@ def _build(device_type: str, name: str, sources: tuple[str, ...], **options):
 CPU_VARIANTS = {"": (), "no_exp": ("-DSASA_PROFILE_NO_EXP",)}
 
 
-@functools.cache
-def cpu_extension(variant: str = ""):
-    """The compiled CPU extension (``forward``, ``backward``), built on first use; ``variant`` names a
-    profiling build of CPU_VARIANTS (results wrong by design: never for measuring correctness)."""
+def cpu_build_options(variant: str = "") -> dict:
+    """The compiler options of the CPU kernel's build ``variant`` (CPU_VARIANTS): part of its name."""
     if variant not in CPU_VARIANTS:
         raise ValueError(f"variant: expected one of {sorted(CPU_VARIANTS)}, got {variant!r}")
     flags = ["-O3", "-march=native", "-fopenmp", *CPU_VARIANTS[variant]]
     if "avx512f" in cpu_flags().split():
         flags.append("-mprefer-vector-width=512")
-    suffix = f"_{variant}" if variant else ""
-    return _build("cpu", f"sasa_native_cpu_{isa_tag()}{suffix}", CPU_SOURCES, extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    return {"extra_cflags": flags, "extra_ldflags": ["-fopenmp"]}
+
+
+@functools.cache
+def cpu_extension(variant: str = ""):
+    """The compiled CPU extension (``forward``, ``backward``), built on first use; ``variant`` names a
+    profiling build of CPU_VARIANTS (results wrong by design: never for measuring correctness)."""
+    options = cpu_build_options(variant)
+    return _build("cpu", "sasa_native_cpu" + (f"_{variant}" if variant else ""), CPU_SOURCES, **options)
 
 
 @functools.cache

@@ -162,7 +162,9 @@ def _key_tile_kernel(q_ptr, k_ptr, v_ptr, row_ptr, col_ptr, do_ptr, lse_ptr, del
                      scale, HEADS, H, W, K: tl.constexpr, D: tl.constexpr, DR: tl.constexpr,
                      TH: tl.constexpr, TW: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
                      DP: tl.constexpr, HAS_REL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """dK and dV of a key tile, from every query row whose windows reach it (no atomics)."""
+    """dK and dV of a key tile, from every query row whose windows reach it (no atomics). Its row loop
+    mirrors _query_tile_kernel's with queries and keys swapped (`duplicates` lists the pair): the two walk
+    the same band from opposite sides, and a shared jit helper would have to return six tiles."""
     R: tl.constexpr = K // 2
     M: tl.constexpr = TH * TW
     bh = tl.program_id(0)

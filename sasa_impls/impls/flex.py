@@ -8,7 +8,8 @@ pairs a window touches: the token order decides that (``TOKEN_ORDERS``; scripts/
 measures it).
 
 Limits (torch 2.13): FlexAttention has no backward on CPU (forward only there; the forward refuses
-inputs that require grad with a clear error), and its compiled CPU kernel takes fp32/fp16/bf16 only.
+inputs that require grad with a clear error), its compiled CPU kernel takes fp32/fp16/bf16 only, and an
+empty batch (batch = 0) is refused (the compiled kernel fails on zero-size inputs).
 """
 from __future__ import annotations
 
@@ -191,7 +192,10 @@ def relative_score_mod(row_terms: torch.Tensor, col_terms: torch.Tensor, rows: t
 
 
 def flex_limits(spec: AttentionSpec) -> tuple[bool, str]:
-    """FlexAttention has no backward on CPU (torch 2.13): inputs that need gradients are refused there."""
+    """FlexAttention has no backward on CPU (torch 2.13): inputs that need gradients are refused there; and
+    its compiled kernel fails on an empty batch."""
+    if spec.batch == 0:
+        return False, "cannot run an empty batch (batch = 0): compiled FlexAttention fails on zero-size inputs (torch 2.13)"
     if spec.device.type == "cpu" and spec.requires_grad:
         return False, ("cannot compute gradients on cpu: FlexAttention has no backward on CPU (torch 2.13); "
                        "run it under torch.no_grad() or pick another implementation for training")

@@ -5,7 +5,7 @@ Models", NeurIPS 2019) with the contract's masked borders and factorized relativ
 
 CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native),
 parallel over (batch, head, row band) tasks on ATen's threads. Per query block (a vector of consecutive
-pixels of one row; two rows at a time) it walks the key rows of the window with an online softmax,
+pixels of one row; four rows at a time forward, two backward) it walks the key rows of the window with an online softmax,
 computing the logits of all k column offsets from shifted loads of a packed key row; relative logits
 are factorized (k D MACs per pixel); nothing of size k^2 per pixel is stored (memory O(HW C); the
 forward's scratch does not grow with the band). The backward recomputes the probabilities from the
@@ -32,9 +32,9 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..registry import AttentionSpec, Impl, Option, positive_int, register
+from ._fused import FusedSASA
 from ._native_build import cpu_extension, cuda_extension, native_available
 
 # Head dims the CUDA kernels take (channels padded to a power of two, 8 threads' worth each).
@@ -44,6 +44,8 @@ CUDA_MAX_HEAD_DIM = 256
 # with NaN before the kernels write it, so an element a kernel forgets shows up instead of hiding behind
 # stale memory.
 POISON_OUTPUTS = False
+# Profiling aid (sasa-bench profile's ablations): the CPU_VARIANTS build the CPU kernel runs, "" the normal one.
+CPU_VARIANT = ""
 
 
 def check_band(band: object) -> int:
@@ -65,6 +67,19 @@ def poisoned_outputs() -> Iterator[None]:
         POISON_OUTPUTS = False
 
 
+@contextlib.contextmanager
+def profiling_variant(variant: str) -> Iterator[None]:
+    """Within: the CPU kernel is the profiling build ``variant`` of _native_build.CPU_VARIANTS (e.g. "no_exp",
+    wrong results by design: for timing ablations only); the normal build is untouched and used again after."""
+    global CPU_VARIANT
+    cpu_extension(variant)  # build (or fail) before switching
+    CPU_VARIANT = variant
+    try:
+        yield
+    finally:
+        CPU_VARIANT = ""
+
+
 def native_limits(spec: AttentionSpec) -> tuple[bool, str]:
     """The CUDA kernels take head dims up to CUDA_MAX_HEAD_DIM; the CPU kernel any shape."""
     if spec.device.type == "cuda" and spec.head_dim > CUDA_MAX_HEAD_DIM:
@@ -77,7 +92,7 @@ def _run(name: str, device: torch.device, band: int, *args):
     CUDA one the current stream."""
     if device.type == "cuda":
         return getattr(cuda_extension(), name)(*args, torch.cuda.current_stream(device).cuda_stream)
-    return getattr(cpu_extension(), name)(*args, band)
+    return getattr(cpu_extension(CPU_VARIANT), name)(*args, band)
 
 
 def _prepare(device: torch.device, *tensors):
@@ -87,43 +102,31 @@ def _prepare(device: torch.device, *tensors):
     return tensors
 
 
-class _NativeSASA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, scale, band):
-        q, k, v, rel_row, rel_col = _prepare(q.device, q, k, v, rel_row, rel_col)
-        out, lse = _run("forward", q.device, band, q, k, v, rel_row, rel_col, kernel_size, scale, POISON_OUTPUTS)
-        ctx.save_for_backward(q, k, v, rel_row, rel_col, out, lse)
-        ctx.config = (kernel_size, scale, band)
-        return out
+class _NativeKernels:
+    """The extension's kernel pair for :class:`~._fused.FusedSASA` (config: the CPU band height)."""
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, rel_row, rel_col, out, lse = ctx.saved_tensors
-        kernel_size, scale, band = ctx.config
-        (grad_out,) = _prepare(q.device, grad_out)
-        grads = _run("backward", q.device, band, grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, scale,
-                     POISON_OUTPUTS)
-        if rel_row is None:
-            grads = (*grads, None, None)
-        return (*grads, None, None, None)
+    def prepare(*tensors):
+        return _prepare(tensors[0].device, *tensors)
+
+    @staticmethod
+    def forward(q, k, v, rel_row, rel_col, kernel_size, scale, band):
+        return _run("forward", q.device, band, q, k, v, rel_row, rel_col, kernel_size, scale, POISON_OUTPUTS)
+
+    @staticmethod
+    def backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, scale, band):
+        return _run("backward", q.device, band, grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, scale,
+                    POISON_OUTPUTS)
 
 
-def native_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_row: Optional[torch.Tensor],
-    rel_col: Optional[torch.Tensor],
-    kernel_size: int,
-    scale: float = 1.0,
-    band: Optional[int] = None,
-) -> torch.Tensor:
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_row: Optional[torch.Tensor],
+                     rel_col: Optional[torch.Tensor], kernel_size: int, scale: float = 1.0,
+                     band: Optional[int] = None) -> torch.Tensor:
     """Fused SASA with the native kernels, forward and backward (arguments as ``local_attention``).
     ``band``: query rows per CPU task (default max(8, k - 1); 0 to the extension); the gradients' bits
     depend on it, never on the thread count. CUDA tiles are fixed per head dim (csrc/cuda/plan.h)."""
     band = 0 if band is None else check_band(band)
-    return _NativeSASA.apply(q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
+    return FusedSASA.apply(_NativeKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
 
 
 register(

@@ -12,9 +12,9 @@ import os
 from typing import Iterator
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..registry import Impl, Option, int_pair, register
+from ._fused import FusedSASA
 
 
 def default_tile(head_dim: int, kernel_size: int) -> tuple[int, int]:
@@ -71,27 +71,24 @@ def poisoned_outputs() -> Iterator[None]:
         kernels.POISON_OUTPUTS = False
 
 
-class _FusedSASA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rel_row, rel_col, kernel_size, scale, tile):
-        from . import _triton_kernels as kernels
-
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if rel_row is not None:
-            rel_row, rel_col = rel_row.contiguous(), rel_col.contiguous()
-        out, lse = kernels.forward(q, k, v, rel_row, rel_col, kernel_size, scale, tile)
-        ctx.save_for_backward(q, k, v, rel_row, rel_col, out, lse)
-        ctx.config = (kernel_size, scale, tile)
-        return out
+class _TritonKernels:
+    """The Triton kernel pair for :class:`~._fused.FusedSASA` (config: the tile); they read contiguous tensors."""
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
+    def prepare(*tensors):
+        return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+    @staticmethod
+    def forward(*args):
         from . import _triton_kernels as kernels
 
-        q, k, v, rel_row, rel_col, out, lse = ctx.saved_tensors
-        grads = kernels.backward(grad_out.contiguous(), q, k, v, rel_row, rel_col, out, lse, *ctx.config)
-        return (*grads, None, None, None)
+        return kernels.forward(*args)
+
+    @staticmethod
+    def backward(*args):
+        from . import _triton_kernels as kernels
+
+        return kernels.backward(*args)
 
 
 def triton_attention(q, k, v, rel_row, rel_col, kernel_size: int, scale: float = 1.0,
@@ -99,7 +96,7 @@ def triton_attention(q, k, v, rel_row, rel_col, kernel_size: int, scale: float =
     """Fused SASA (forward and backward in Triton); ``tile`` is the (rows, columns) query/key tile
     (default: :func:`default_tile`)."""
     tile = check_tile(tile) if tile is not None else default_tile(q.shape[-1], kernel_size)
-    return _FusedSASA.apply(q, k, v, rel_row, rel_col, kernel_size, float(scale), tile)
+    return FusedSASA.apply(_TritonKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), tile)
 
 
 register(

@@ -8,8 +8,8 @@
 // keeps this load-bound loop near the FMA rate (the shifted loads are unaligned).
 //
 // Outputs go in blocks that fill most of the registers with accumulators (12 of AVX2's 16 vector
-// registers; 16 of AVX-512's 32, which leaves general registers for the 8 row pointers of the blocks of
-// two rows), the rest in one smaller block whose reduction is split into partial sums, so that at least 8 FMA
+// registers; 16 of AVX-512's 32, which leaves general registers for the row pointers of the blocks of
+// up to four rows), the rest in one smaller block whose reduction is split into partial sums, so that at least 8 FMA
 // chains are in flight. Partial sums are added in a fixed order: the result depends on the shapes
 // only, never on the thread that runs it.
 #pragma once

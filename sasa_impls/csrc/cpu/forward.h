@@ -17,7 +17,9 @@
 
 namespace sasa::cpu {
 
-inline constexpr int kGroupRows = 2;
+// Query rows per group: each load of a shifted key or value row feeds the FMAs of up to 4 rows (4 rows x
+// 4 outputs fill the 16 accumulators of a block); measured 8% faster forward at k = 19 than 2 rows.
+inline constexpr int kGroupRows = 4;
 
 template <typename S, typename T>
 struct ForwardArgs {
@@ -52,6 +54,22 @@ struct ForwardWorkspace {
         y(static_cast<size_t>(kGroupRows) * s.channels * wp),
         lse(static_cast<size_t>(kGroupRows) * wp) {}
 };
+
+// The lane-wise max of vectors 0 .. n - 1 (n >= 1) in four independent chains: one chain of n dependent
+// vmax would cost n times their latency per key row, which nothing else overlaps (the exps wait for it).
+template <typename T>
+inline Vec<T> row_max(Strided<T> v, int n) {
+  Vec<T> m0 = v.get(0), m1 = m0, m2 = m0, m3 = m0;
+  int c = 1;
+  for (; c + 4 <= n; c += 4) {
+    m0 = vmax(m0, v.get(c));
+    m1 = vmax(m1, v.get(c + 1));
+    m2 = vmax(m2, v.get(c + 2));
+    m3 = vmax(m3, v.get(c + 3));
+  }
+  for (; c < n; ++c) m0 = vmax(m0, v.get(c));
+  return vmax(vmax(m0, m1), vmax(m2, m3));
+}
 
 // The attention of the query rows [i0, i0 + rows), rows <= kGroupRows, from the packed rows into ws.y
 // and ws.lse. Independent of the caller's dtype (one instance per accumulation type).
@@ -89,13 +107,12 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
       contract_rows<T, G>(last - first + 1, logits + first, k, ones, queries + first,
                           Shifted<T>{ws.k.at(a, 0, x0 - r), cs}, D);
       for (int g = first; g <= last; ++g) {
-        Vec<T> row_max = logits[g].get(0);
-        for (int c = 1; c < k; ++c) row_max = vmax(row_max, logits[g].get(c));
-        const Vec<T> m_new = vmax(m[g], row_max);
-        alpha[g] = vexp(m[g] - m_new);
+        const Vec<T> m_new = vmax(m[g], row_max(logits[g], k));
+        const Vec<T> m_log2e = m_new * static_cast<T>(kLog2e);
+        alpha[g] = vexp_sub(m[g], m_log2e);
         Vec<T> sum = Vec<T>{};
         for (int c = 0; c < k; ++c) {
-          const Vec<T> p = vexp(logits[g].get(c) - m_new);
+          const Vec<T> p = vexp_sub(logits[g].get(c), m_log2e);
           logits[g].set(c, p);
           sum += p;
         }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -13,6 +14,7 @@
 
 #include "backward.h"
 #include "forward.h"
+#include "peak.h"
 
 namespace {
 
@@ -164,6 +166,26 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 }  // namespace
 
+// GFLOP/s of fma_chains on ``threads`` of ATen's threads at once (each ``iterations`` rounds), in fp64
+// or fp32: the physical FMA peak (peak.h). ``threads`` at most ATen's thread count, so each runs at once.
+double fma_peak(bool double_precision, int64_t threads, int64_t iterations) {
+  TORCH_CHECK(threads >= 1 && threads <= at::get_num_threads(), "threads: expected 1 .. ", at::get_num_threads(),
+              " (torch.get_num_threads()), got ", threads);
+  TORCH_CHECK(iterations >= 1, "iterations: expected a positive int, got ", iterations);
+  std::atomic<int64_t> sink{0};
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const double total = double_precision ? fma_chains<double>(iterations, static_cast<double>(t))
+                                            : fma_chains<float>(iterations, static_cast<float>(t));
+      sink += total != total;  // consumes the result
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double flops = double_precision ? fma_chain_flops<double>(iterations) : fma_chain_flops<float>(iterations);
+  return flops * threads / seconds / 1e9 + 0.0 * sink.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused SASA local attention on the CPU (sasa_impls.impls.native)";
   m.def("forward", &forward, "out, lse = forward(q, k, v, rel_row, rel_col, kernel_size, scale, poison, band)",
@@ -171,5 +193,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward,
         "dq, dk, dv[, drel_row, drel_col] = backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, "
         "scale, poison, band)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fma_peak", &fma_peak, "GFLOP/s = fma_peak(double_precision, threads, iterations): the physical FMA peak",
         py::call_guard<py::gil_scoped_release>());
 }

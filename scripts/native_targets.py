@@ -1,0 +1,154 @@
+"""The targets of issue 20 on this CPU: SASA2d(128, 128, k=19, 8 heads) with the native kernel against
+Conv2d(128, 128, 3), fp32, measured side by side in one process, calls interleaved so the machine's drift
+cancels (ratios of medians). Prints one line per target: measured, target, met or missed.
+
+    python scripts/native_targets.py                 # about 2 minutes
+    python scripts/native_targets.py --seconds 1     # shorter (noisier) timing windows
+
+Targets: the layer within 1.5x of the conv (28x28 and 32x32, batch 1 and 8, fwd and fwd+bwd); the bare op
+at k = 19 (1 x 8 heads x 32 x 32 x 16, relative logits) at >= 50% of the physical FMA peak forward and >= 40%
+fwd+bwd (the peak: the native extension's FMA-chain loop on the same threads, sasa-bench peak); the layer at
+k = 3 not slower than at k = 7; the layer's time outside the op <= 1.3x a conv of the projections' FLOPs at
+the conv's speed; 2 threads vs 1 >= 1.8x on the op at k = 19; peak memory (fwd+bwd, 32x32, batch 8) at
+k = 19 within 1.3x of k = 3.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import sasa_impls
+from bench import measure
+from bench.commands.peak import fma_peak_gflops
+from sasa_impls.functional import local_attention
+
+CHANNELS, HEADS, THREADS = 128, 8, 2
+
+
+def interleaved(fns: dict[str, Callable[[], object]], seconds: float) -> dict[str, float]:
+    """Median seconds of each fn, called in turn (round robin) for ``seconds`` after two warm-up rounds."""
+    times = {name: [] for name in fns}
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or min(len(t) for t in times.values()) < 5:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step(module: torch.nn.Module, x: torch.Tensor, direction: str) -> Callable[[], object]:
+    """One forward (no grad) or one forward + backward of ``module`` on ``x``."""
+    if direction == "fwd":
+        def call():
+            with torch.no_grad():
+                return module(x)
+        return call
+    leaf = x.clone().requires_grad_()
+
+    def call():
+        module(leaf).sum().backward()
+    return call
+
+
+def layer(k: int) -> torch.nn.Module:
+    return sasa_impls.SASA2d(CHANNELS, CHANNELS, k, HEADS, impl="native")
+
+
+def conv() -> torch.nn.Module:
+    return torch.nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1, bias=False)
+
+
+def op_inputs(k: int, res: int = 32, batch: int = 1, grad: bool = False) -> tuple:
+    """Channel-major q, k, v views (as SASA2d passes them) and the relative embeddings of the bare op."""
+    d = CHANNELS // HEADS
+    qkv = [torch.randn(batch, HEADS, d, res, res).permute(0, 1, 3, 4, 2).requires_grad_(grad) for _ in range(3)]
+    rel = [torch.randn(HEADS, k, d // 2).requires_grad_(grad), torch.randn(HEADS, k, d - d // 2).requires_grad_(grad)]
+    return (*qkv, *rel)
+
+
+def op_call(k: int, direction: str, res: int = 32, batch: int = 1) -> Callable[[], object]:
+    inputs = op_inputs(k, res, batch, direction != "fwd")
+    if direction == "fwd":
+        def call():
+            with torch.no_grad():
+                return local_attention(*inputs, k, impl="native")
+        return call
+
+    def call():
+        local_attention(*inputs, k, impl="native").sum().backward()
+    return call
+
+
+def op_flops(k: int, res: int = 32, batch: int = 1, passes: int = 1) -> float:
+    """Useful FLOPs of the op (bench.flops: q.k and a.v k^2 d_out each, factorized relative logits k d_out)."""
+    return 2.0 * passes * batch * res * res * CHANNELS * (2 * k * k + k)
+
+
+def report(name: str, measured: float, target: str, met: bool, unit: str = "") -> None:
+    print(f"{name:<58} {measured:>8.3f}{unit:<3} {target:<10} {'met' if met else 'MISSED'}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.5, help="timing window per comparison (default 2.5)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
+    peak = fma_peak_gflops("float32", THREADS)
+    print(f"fp32 physical FMA peak, {THREADS} threads: {peak:.1f} GFLOP/s; interleaved medians over {args.seconds:g} s "
+          f"windows; torch {torch.__version__}")
+    print(f"{'target':<58} {'measured':>11} {'target':<10} result")
+
+    for res in (28, 32):
+        for batch in (1, 8):
+            for direction in ("fwd", "fwd+bwd"):
+                x = torch.randn(batch, CHANNELS, res, res)
+                times = interleaved({"sasa": step(layer(19), x, direction), "conv": step(conv(), x, direction)}, args.seconds)
+                ratio = times["sasa"] / times["conv"]
+                report(f"SASA2d k=19 / Conv2d k=3, {res}x{res} B={batch} {direction}", ratio, "<= 1.5", ratio <= 1.5, "x")
+
+    for direction, passes, target in (("fwd", 1, 0.50), ("fwd+bwd", 3, 0.40)):
+        seconds = interleaved({"op": op_call(19, direction)}, args.seconds)["op"]
+        fraction = op_flops(19, passes=passes) / seconds / 1e9 / peak
+        report(f"bare op k=19 32x32 B=1 {direction}: fraction of FMA peak", 100 * fraction, f">= {100 * target:.0f}%",
+               fraction >= target, "%")
+
+    x = torch.randn(1, CHANNELS, 32, 32)
+    sasa3, sasa7, sasa19, conv3 = layer(3), layer(7), layer(19), conv()
+    times = interleaved({"k3": step(sasa3, x, "fwd"), "k7": step(sasa7, x, "fwd"), "k19": step(sasa19, x, "fwd"),
+                         "op19": op_call(19, "fwd"), "conv": step(conv3, x, "fwd")}, 2 * args.seconds)
+    report("layer k=3 / layer k=7, 32x32 B=1 fwd", times["k3"] / times["k7"], "<= 1.0", times["k3"] <= times["k7"], "x")
+    conv_rate = 2.0 * CHANNELS * CHANNELS * 9 * 32 * 32 / times["conv"]
+    budget = 1.3 * 2.0 * 3 * CHANNELS * CHANNELS * 32 * 32 / conv_rate
+    outside = times["k19"] - times["op19"]
+    report("layer k=19 time outside the op / (1.3 x projections at conv speed)", outside / budget, "<= 1.0",
+           outside <= budget, "x")
+
+    one, two = op_call(19, "fwd"), op_call(19, "fwd")
+
+    def on_threads(fn: Callable[[], object], threads: int) -> Callable[[], object]:
+        def call():  # five calls per turn: changing the thread count is not free
+            torch.set_num_threads(threads)
+            for _ in range(5):
+                fn()
+        return call
+    times = interleaved({"1": on_threads(one, 1), "2": on_threads(two, 2)}, args.seconds)
+    torch.set_num_threads(THREADS)
+    report("bare op k=19 32x32 B=1 fwd: 2 threads vs 1", times["1"] / times["2"], ">= 1.8", times["1"] / times["2"] >= 1.8, "x")
+
+    x = torch.randn(8, CHANNELS, 32, 32)
+    memory = {k: measure.peak_memory_bytes(step(layer(k), x, "fwd+bwd")) for k in (3, 19)}
+    report(f"peak memory fwd+bwd 32x32 B=8: k=19 / k=3 ({memory[19] / 2**20:.0f} / {memory[3] / 2**20:.0f} MiB)",
+           memory[19] / max(memory[3], 1), "<= 1.3", memory[19] <= 1.3 * memory[3], "x")
+
+
+if __name__ == "__main__":
+    main()
