@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up (if needed), measure this CPU's peak (the best of a few sgemm sizes, for the fraction-of-peak columns),
-# run the default sweep (preset `quick`) on this machine, resuming where an earlier run stopped, then
-# regenerate reports/ from everything under results/.
+# The main job: set up (if needed), measure this CPU's peak (its physical FMA rate, with sgemm and conv rates
+# beside it, for the fraction-of-peak columns), run the default sweep (preset `quick`) on this machine, resuming
+# where an earlier run stopped, then regenerate reports/ from everything under results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
