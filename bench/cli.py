@@ -106,8 +106,11 @@ def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
 
 
 def add_interleave_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, rounds: int) -> None:
-    """The flags of an interleaved measurement (bench/interleave.py): --rounds and --block."""
+    """The flags of an interleaved measurement (bench/interleave.py): --rounds, --workers and --block."""
     parser.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="fresh worker processes the rounds are shared over, one after another; the interval then "
+                             "holds what differs between processes (default 2)")
     parser.add_argument("--block", type=float, default=0.05, metavar="SECONDS",
                         help="seconds of calls of each case per round (default 0.05)")
 
@@ -117,7 +120,7 @@ def interleave_settings(args: argparse.Namespace):
     from .interleave import InterleaveSettings
 
     try:
-        return InterleaveSettings(rounds=args.rounds, block_s=args.block)
+        return InterleaveSettings(rounds=args.rounds, block_s=args.block, workers=args.workers)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
 

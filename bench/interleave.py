@@ -5,11 +5,14 @@ Why: on a shared or drifting machine a case's time moves between passes by more 
 two cases measured one after another mixes that drift in. Here every case of a comparison passes the
 runner's support check and correctness gate (bench.runner.check_case), its peak memory is measured in a
 subprocess of its own (as the runner does), and then all of them are built once (bench.pipeline.build and
-step) in ONE worker subprocess (bench.runner.run_isolated, task kind "interleave"). After warm-up calls,
+step) in a worker subprocess (bench.runner.run_isolated, task kind "interleave"). After warm-up calls,
 each round times every case for a block of about ``block_s`` seconds of calls, in an order shuffled per
 round (seeded); the ratio of a case to its baseline is the median over rounds of (case time / baseline
-time in the same round), with a bootstrap interval: the median of ``resamples`` resamplings of the rounds
-(seeded), its 2.5 and 97.5 percentiles for a 95% interval.
+time in the same round), with a bootstrap interval: the median of ``resamples`` resamplings (seeded), its
+2.5 and 97.5 percentiles for a 95% interval. The rounds are shared over ``workers`` fresh processes, one
+after another, and each resampling draws processes before rounds: what differs between processes (heap
+and page layout, thread placement; two one-process runs gave fwd+bwd medians 4% apart, outside each
+other's intervals) is then inside the interval, as a second run in a new process will meet it.
 
 What it removes: drift slower than a round (load from other processes that comes and goes over seconds,
 a VM's host moving it, thermal or turbo changes over a run) affects both sides of a round alike and cancels
@@ -28,7 +31,7 @@ import statistics
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,7 +44,8 @@ from .schema import Case, Status
 @dataclass(frozen=True)
 class InterleaveSettings:
     """How a comparison is timed: ``rounds`` rounds of a ``block_s`` block of calls per case after
-    ``warmup`` calls; the interval from ``resamples`` bootstrap resamplings at ``level``, all seeded."""
+    ``warmup`` calls, shared out over ``workers`` fresh worker processes (one after another); the interval
+    from ``resamples`` bootstrap resamplings at ``level``, all seeded."""
 
     rounds: int = 30
     block_s: float = 0.05
@@ -49,10 +53,14 @@ class InterleaveSettings:
     seed: int = 0
     resamples: int = 2000
     level: float = 0.95
+    workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.rounds < 3:
-            raise ValueError(f"rounds: expected at least 3 (a median and an interval need them), got {self.rounds}")
+        if self.workers < 1:
+            raise ValueError(f"workers: expected at least 1 worker process, got {self.workers}")
+        if self.rounds < 3 * self.workers:
+            raise ValueError(f"rounds: expected at least 3 per worker process (a median and an interval need them), "
+                             f"{3 * self.workers} for {self.workers}, got {self.rounds}")
         if not self.block_s > 0:
             raise ValueError(f"block: expected a positive number of seconds, got {self.block_s}")
         if not 0 < self.level < 1:
@@ -86,14 +94,24 @@ def time_rounds(fns: Sequence[Callable[[], object]], settings: InterleaveSetting
 
 
 def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], resamples: int = 2000,
-                   level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+                   level: float = 0.95, seed: int = 0, workers: Sequence[int] | None = None) -> tuple[float, float, float]:
     """(median, low, high) of the per-round ratios numerator[r] / denominator[r]: the median, and the
-    ``level`` percentile interval of the medians of ``resamples`` bootstrap resamplings of the rounds."""
+    ``level`` percentile interval of the medians of ``resamples`` bootstrap resamplings. ``workers[r]``
+    names the process round r ran in: with several, each resampling first draws processes (with
+    replacement), then rounds within each drawn process, so the interval also holds what differs between
+    processes (heap and page layout, the threads' placement), which a second run in a new process meets."""
     if len(numerator) != len(denominator) or len(numerator) == 0:
         raise ValueError(f"rounds: expected two equally long non-empty series, got {len(numerator)} and {len(denominator)}")
     ratios = np.asarray(numerator, dtype=float) / np.asarray(denominator, dtype=float)
-    picks = np.random.default_rng(seed).integers(0, len(ratios), size=(resamples, len(ratios)))
-    medians = np.median(ratios[picks], axis=1)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(np.asarray(workers) == w) for w in dict.fromkeys(workers)] if workers is not None else []
+    if len(groups) > 1:  # two levels: processes, then rounds within each (same count as the process ran)
+        medians = np.empty(resamples)
+        for i in range(resamples):
+            drawn = [groups[g] for g in rng.integers(0, len(groups), size=len(groups))]
+            medians[i] = np.median(np.concatenate([ratios[rng.choice(g, size=len(g))] for g in drawn]))
+    else:
+        medians = np.median(ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))], axis=1)
     low, high = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
     return float(np.median(ratios)), float(low), float(high)
 
@@ -136,15 +154,15 @@ def _spread(times_ms: list[float]) -> tuple[float, float]:
 
 
 def timed_fields(times_ms: list[float], base_ms: list[float] | None, baseline: Case | None,
-                 settings: InterleaveSettings, confidence: float) -> dict:
+                 settings: InterleaveSettings, confidence: float, workers: Sequence[int] | None = None) -> dict:
     """The row fields of one case timed interleaved: the median and IQR over rounds, and, beside a
-    baseline, the ratio with its interval (:func:`ratio_interval`)."""
+    baseline, the ratio with its interval (:func:`ratio_interval`; ``workers``: each round's process)."""
     median, iqr = _spread(times_ms)
     fields = {"status": Status.OK, "error": None, "latency_ms": median, "latency_iqr_ms": iqr, "rounds": len(times_ms),
               "reps": None, "latency_confident": iqr <= confidence * median,
               "timer": f"interleaved rounds of {settings.block_s:g} s blocks (bench/interleave.py)"}
     if base_ms is not None and baseline is not None:
-        ratio, low, high = ratio_interval(times_ms, base_ms, settings.resamples, settings.level, settings.seed)
+        ratio, low, high = ratio_interval(times_ms, base_ms, settings.resamples, settings.level, settings.seed, workers)
         fields |= {"ratio_baseline": baseline.label(), "latency_ratio": ratio, "latency_ratio_low": low,
                    "latency_ratio_high": high}
     return fields
@@ -175,22 +193,35 @@ def measure_interleaved(pairs: Sequence[tuple[Case, Case | None]], settings, int
     timed = [c for c in cases if measured[c]["status"] == Status.OK]
     if not timed:
         return measured
-    note(f"timing {len(timed)} cases interleaved: {interleave.rounds} rounds of {interleave.block_s:g} s blocks "
-         f"(about {len(timed) * interleave.rounds * interleave.block_s:.0f} s)")
-    task = _task("interleave", settings, plugins, cases=[asdict(c) for c in timed], interleave=asdict(interleave))
-    result = run_isolated(task, settings.timeout_s)
-    per_case = result.get("cases") or [{"status": result["status"], "error": result.get("error")}] * len(timed)
-    times = {case: entry.get("times_ms") for case, entry in zip(timed, per_case)}
+    note(f"timing {len(timed)} cases interleaved: {interleave.rounds} rounds of {interleave.block_s:g} s blocks in "
+         f"{interleave.workers} worker process(es) (about {len(timed) * interleave.rounds * interleave.block_s:.0f} s)")
+    shares = [interleave.rounds // interleave.workers + (w < interleave.rounds % interleave.workers)
+              for w in range(interleave.workers)]
+    entries: dict[Case, list[dict]] = {case: [] for case in timed}
+    warnings: list[str] = []
+    for worker, rounds in enumerate(shares):  # fresh processes, one after another: what differs between them counts
+        part = replace(interleave, rounds=rounds, workers=1, seed=interleave.seed + worker)
+        task = _task("interleave", settings, plugins, cases=[asdict(c) for c in timed], interleave=asdict(part))
+        result = run_isolated(task, settings.timeout_s)
+        warnings += result.get("warnings") or []
+        per_case = result.get("cases") or [{"status": result["status"], "error": result.get("error")}] * len(timed)
+        for case, entry in zip(timed, per_case):
+            entries[case].append(entry)
+    times = {case: [t for e in got for t in (e.get("times_ms") or [])] for case, got in entries.items()}
+    workers = {case: [w for w, e in enumerate(got) for _ in (e.get("times_ms") or [])] for case, got in entries.items()}
     baselines = {case: base for case, base in pairs}
-    for case, entry in zip(timed, per_case):
-        if entry["status"] != Status.OK:
-            measured[case] |= {"status": entry["status"], "error": entry.get("error")}
+    for case, got in entries.items():
+        failed = next((e for e in got if e["status"] != Status.OK), None)
+        if failed is not None:
+            measured[case] |= {"status": failed["status"], "error": failed.get("error")}
             continue
         base = baselines.get(case)
-        measured[case] |= timed_fields(times[case], times.get(base) if base is not None else None, base,
-                                       interleave, settings.confidence)
-        measured[case] |= {key: entry.get(key) for key in ("other_load", "contended")}
-        measured[case]["warnings"] = list(dict.fromkeys((measured[case].get("warnings") or []) + (result.get("warnings") or []))) or None
+        paired = base is not None and workers.get(base) == workers[case]
+        measured[case] |= timed_fields(times[case], times[base] if paired else None, base if paired else None,
+                                       interleave, settings.confidence, workers[case])
+        loads = [e["other_load"] for e in got if e.get("other_load") is not None]
+        measured[case] |= {"other_load": max(loads) if loads else None, "contended": any(e.get("contended") for e in got)}
+        measured[case]["warnings"] = list(dict.fromkeys((measured[case].get("warnings") or []) + warnings)) or None
     return measured
 
 

@@ -43,11 +43,32 @@ def test_the_interval_covers_the_true_ratio_through_drift():
     assert noisy_high - noisy_low > high - low
 
 
+def test_rounds_of_several_processes_widen_the_interval_to_what_differs_between_them():
+    """Two worker processes whose ratios differ by a few percent (what a second run in a new process meets):
+    the interval drawn per process covers both processes' medians; rounds pooled as one process do not."""
+    rng = np.random.default_rng()
+    true = rng.uniform(1.5, 4.0)
+    first, base_first = drifting_rounds(true, 20, rng)
+    second, base_second = drifting_rounds(true * 1.05, 20, rng)
+    numerator, denominator = np.concatenate([first, second]), np.concatenate([base_first, base_second])
+    workers = [0] * 20 + [1] * 20
+    medians = [statistics.median(first / base_first), statistics.median(second / base_second)]
+    _, low, high = ratio_interval(numerator, denominator, workers=workers)
+    assert low <= min(medians) and max(medians) <= high
+    _, pooled_low, pooled_high = ratio_interval(numerator, denominator)
+    assert pooled_high - pooled_low < high - low
+    assert ratio_interval(numerator, denominator, workers=[0] * 40) == (_, pooled_low, pooled_high)
+
+
 def test_ratio_interval_rejects_bad_rounds():
     with pytest.raises(ValueError, match="rounds"):
         ratio_interval([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="rounds"):
         InterleaveSettings(rounds=2)
+    with pytest.raises(ValueError, match="rounds"):
+        InterleaveSettings(rounds=5, workers=2)  # at least 3 rounds per worker process
+    with pytest.raises(ValueError, match="workers"):
+        InterleaveSettings(workers=0)
     with pytest.raises(ValueError, match="block"):
         InterleaveSettings(block_s=0)
 
@@ -87,10 +108,10 @@ def tiny(impl: str, k: int, direction: str = "fwd") -> Case:
 def test_run_interleaved_writes_rows_with_the_ratio(tmp_path):
     conv, attention = tiny("conv", 3), tiny("unfold", 5)
     broken = tiny("unfold", 4)  # even k: not a valid window, fails in its own row; the others are still timed
-    rows = run_interleaved([(attention, conv), (broken, conv)], tmp_path, "pair", FAST, InterleaveSettings(rounds=4, block_s=0.002))
+    rows = run_interleaved([(attention, conv), (broken, conv)], tmp_path, "pair", FAST, InterleaveSettings(rounds=6, block_s=0.002))
     by_impl = {(r["impl"], r["k"]): r for r in rows}
     ok = by_impl["unfold", 5]
-    assert ok["status"] == "ok" and ok["rounds"] == 4 and ok["ratio_baseline"] == conv.label()
+    assert ok["status"] == "ok" and ok["rounds"] == 6 and ok["ratio_baseline"] == conv.label()
     assert ok["latency_ratio_low"] <= ok["latency_ratio"] <= ok["latency_ratio_high"] and ok["peak_mem_bytes"] > 0
     assert 0 <= ok["other_load"] <= 1 and isinstance(ok["contended"], bool)  # the other processes' load while timed
     assert by_impl["conv", 3]["latency_ratio"] is None and by_impl["conv", 3]["latency_ms"] > 0
@@ -108,12 +129,12 @@ def tiny_claim(monkeypatch):
 
 def test_claim_measures_the_given_implementations_interleaved(tmp_path, capsys, tiny_claim):
     results = tmp_path / "results"
-    assert main(["claim", "--json", "--impl", "unfold", "--rounds", "4", "--block", "0.002", "--results", str(results),
+    assert main(["claim", "--json", "--impl", "unfold", "--rounds", "6", "--block", "0.002", "--results", str(results),
                  "--out", str(tmp_path / "out")]) == 0
     numbers = json.loads(capsys.readouterr().out)
     assert sorted((m["impl"], m["direction"]) for m in numbers["measured"]) == [("unfold", "fwd"), ("unfold", "fwd+bwd")]
     for entry in numbers["measured"]:
-        assert entry["rounds"] == 4 and entry["latency_ratio_low"] <= entry["latency_ratio"] <= entry["latency_ratio_high"]
+        assert entry["rounds"] == 6 and entry["latency_ratio_low"] <= entry["latency_ratio"] <= entry["latency_ratio_high"]
         assert sorted(entry["ratios_by_k"]) == ["19", "3"] and entry["run_id"] == entry["conv_run_id"]
         assert isinstance(entry["contended"], bool)
     stored = list(read_rows([results]))
@@ -126,7 +147,7 @@ def test_claim_measures_the_given_implementations_interleaved(tmp_path, capsys, 
 
 def test_compare_interleaved_of_a_variant_with_itself_is_one(monkeypatch, capsys):
     monkeypatch.setitem(cases_module.PRESETS, "quick", cases_module.Shapes(ks=(3,), channels=(16,), heads=2, res=(10,)))
-    code = main(["compare", "--interleaved", "unfold", "unfold", "--direction", "fwd", "--rounds", "3", "--block", "0.002",
+    code = main(["compare", "--interleaved", "unfold", "unfold", "--direction", "fwd", "--rounds", "3", "--workers", "1", "--block", "0.002",
                  "--fail-above", "1%"])
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("|") and "fwd" in l)
