@@ -105,12 +105,12 @@ def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
         raise UsageError(f"--{flag}: cannot write {path}: {error.strerror or error}") from None
 
 
-def add_interleave_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, rounds: int) -> None:
+def add_interleave_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, rounds: int, workers: int = 2) -> None:
     """The flags of an interleaved measurement (bench/interleave.py): --rounds, --workers and --block."""
     parser.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
-    parser.add_argument("--workers", type=int, default=2,
+    parser.add_argument("--workers", type=int, default=workers,
                         help="fresh worker processes the rounds are shared over, one after another; the interval then "
-                             "holds what differs between processes (default 2)")
+                             f"holds what differs between processes (default {workers})")
     parser.add_argument("--block", type=float, default=0.05, metavar="SECONDS",
                         help="seconds of calls of each case per round (default 0.05)")
 

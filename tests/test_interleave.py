@@ -129,7 +129,7 @@ def tiny_claim(monkeypatch):
 
 def test_claim_measures_the_given_implementations_interleaved(tmp_path, capsys, tiny_claim):
     results = tmp_path / "results"
-    assert main(["claim", "--json", "--impl", "unfold", "--rounds", "6", "--block", "0.002", "--results", str(results),
+    assert main(["claim", "--json", "--impl", "unfold", "--rounds", "6", "--workers", "2", "--block", "0.002", "--results", str(results),
                  "--out", str(tmp_path / "out")]) == 0
     numbers = json.loads(capsys.readouterr().out)
     assert sorted((m["impl"], m["direction"]) for m in numbers["measured"]) == [("unfold", "fwd"), ("unfold", "fwd+bwd")]

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                        ("--measure", "measure the claim cases now, even if results hold some")):
         parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--impl", metavar="LIST", help="measure now, only these implementations (comma list) beside the conv")
-    add_interleave_flags(parser, rounds=40)
+    add_interleave_flags(parser, rounds=40, workers=4)  # 4: runs minutes apart then agree (notes of issue 21)
     parser.set_defaults(run=run)
 
 
