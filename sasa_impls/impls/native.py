@@ -11,15 +11,17 @@ are factorized (k D MACs per pixel); nothing of size k^2 per pixel is stored (me
 forward's scratch does not grow with the band). The backward recomputes the probabilities from the
 saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise independent
 of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle
-tolerances). Status: measured on an AVX2 machine (AMD EPYC, 2 threads, README "What the committed
-results say"): the fastest attention on the CPU at every benchmark shape, SASA2d(128, 128, k=19) forward
-2.9x a k = 3 convolution, 27-33% of the machine's sgemm peak; the AVX-512 build compiles (-march=native)
-but was not timed.
+tolerances). Status (README "What the committed results say"): the fastest attention on the CPU at
+every benchmark shape; SASA2d(128, 128, k=19) forward takes 2.0x a k = 3 convolution on an AVX-512 Xeon
+(2.9x earlier on an AVX2 EPYC), the bare op at k = 19 reaches 31% of the physical FMA peak forward and
+24% fwd+bwd (`scripts/native_targets.py`): the issue-20 goals (1.5x, 50%) are not met yet. The AVX2 build
+compiles and passes the accuracy checks (built by hand with -march=haswell) but has not been timed since.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
-and spill counts) but were written without a GPU to run them: scripts/gpu_benchmark.py and the GPU tests
-of tests/test_native.py validate them where a GPU exists.
+and spill counts) and run on the CPU under an emulation of the CUDA execution model, checked against the
+float64 reference (tests/test_native_cuda_emulated.py), but have not run on a GPU yet:
+scripts/gpu_benchmark.py and the GPU tests of tests/test_native.py validate them where a GPU exists.
 
 Inputs may have any strides: inside SASA2d q, k, v are channel-major views, which the CPU kernel reads
 without a copy, and the output keeps q's memory format (``empty_like``), so the layer's head merge needs
