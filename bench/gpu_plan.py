@@ -15,6 +15,7 @@ time for the next estimate. ``--smoke`` uses COSTS_SMOKE (this project's 2-core 
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .cases import default_impls
 from .env import environment, machine_id
 from .gpu_targets import print_targets
 from .schema import CONV, Case
-from .worker_pool import WorkerPool, pooled
+from .worker_pool import WorkerPool
 
 RECORDS = "gpu_plan.ndjson"  # JSON Lines, not *.jsonl: the reports read every *.jsonl as result rows
 ROWS = "gpu_benchmark"  # <out>/<machine>/gpu_benchmark.jsonl
@@ -197,6 +198,8 @@ def phase_dtype(plan: Plan, dtype: str) -> str:
 def budget_executor(plan: Plan, estimates: dict, skipped: list) -> Callable:
     """An executor for bench.runner.run_cases: each case in its implementation's worker (the pool), while its
     estimate fits the time left; the cases after the first that does not fit are skipped (``skipped``)."""
+    measure = functools.partial(runner.measure_case, isolate=plan.pool.run)
+
     def execute(todo, settings, plugins, started) -> Iterator:
         gates: dict = {}
         for index, (case, repeat) in enumerate(todo):
@@ -204,8 +207,7 @@ def budget_executor(plan: Plan, estimates: dict, skipped: list) -> Callable:
                 skipped.extend(c for c, _ in todo[index:])
                 return
             started(case, repeat)
-            with pooled(plan.pool):
-                measured = runner.measure_here(case, settings, plugins, gates)
+            measured = runner.measure_here(case, settings, plugins, gates, measure)
             yield case, repeat, measured
     return execute
 

@@ -164,7 +164,12 @@ def _task(kind: str, settings: Settings, plugins: list[str], **fields) -> dict:
             "memory_limit_bytes": settings.memory_limit_bytes, **fields}
 
 
-def check_case(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
+# Runs one worker task in isolation and returns its result (or the status of its crash or timeout):
+# :func:`run_isolated` (a fresh process per task) unless a caller passes another, e.g. bench.worker_pool's.
+Isolate = Callable[[dict, float], dict]
+
+
+def check_case(case: Case, settings: Settings, plugins: list[str], gates: dict, isolate: Isolate | None = None) -> dict:
     """Declared support and the (cached, per :func:`gate_key`) correctness gate of one case: the gate's
     fields, with status ok when the case may be timed, else its status and error."""
     if case.impl == CONV:
@@ -176,24 +181,26 @@ def check_case(case: Case, settings: Settings, plugins: list[str], gates: dict) 
     if key not in gates:
         gate = dict(impl=case.impl, device=case.device, dtype=case.dtype, direction=case.direction,
                     relative=case.relative, options=case.impl_options)
-        gates[key] = run_isolated(_task("gate", settings, plugins, gate=gate), settings.timeout_s)
+        gates[key] = (isolate or run_isolated)(_task("gate", settings, plugins, gate=gate), settings.timeout_s)
     checked = gates[key]
     fields = {k: checked[k] for k in ("gate_max_error", "gate_tolerance", "warnings") if checked.get(k) is not None}
     return {**fields, "status": checked["status"], "error": checked.get("error")}
 
 
-def measure_case(case: Case, settings: Settings, plugins: list[str], gates: dict) -> dict:
+def measure_case(case: Case, settings: Settings, plugins: list[str], gates: dict, isolate: Isolate | None = None) -> dict:
     """The measured fields of one case on this machine: declared support, the (cached) gate, then peak
-    memory and latency, each in a subprocess of its own (see bench.pipeline.measure_memory for why apart)."""
-    checked = check_case(case, settings, plugins, gates)
+    memory and latency, each in a subprocess of its own (see bench.pipeline.measure_memory for why apart;
+    ``isolate``: how a task is run, :func:`run_isolated` by default)."""
+    isolate = isolate or run_isolated
+    checked = check_case(case, settings, plugins, gates, isolate)
     if checked["status"] != Status.OK:
         return checked
     fields = {k: v for k, v in checked.items() if k not in ("status", "error")}
-    memory = run_isolated(_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
+    memory = isolate(_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
     if memory["status"] != Status.OK:
         return {**fields, **memory}
-    timed = run_isolated(_task("time", settings, plugins, case=asdict(case), timer=asdict(settings.timer())),
-                         settings.timeout_s)
+    timed = isolate(_task("time", settings, plugins, case=asdict(case), timer=asdict(settings.timer())),
+                    settings.timeout_s)
     warnings = list(dict.fromkeys((fields.get("warnings") or []) + (memory.get("warnings") or []) + (timed.get("warnings") or [])))
     return {**fields, **memory, **timed, "warnings": warnings or None}
 

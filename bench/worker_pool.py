@@ -15,11 +15,9 @@ runner's fresh one, so use the runner there for memory figures.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import signal
 import time
-from typing import Callable, Iterator
 
 from . import runner, worker
 from .schema import Status
@@ -105,16 +103,3 @@ class WorkerPool:
         """Stop every worker."""
         for owner in list(self.workers):
             self._stop(owner)
-
-
-@contextlib.contextmanager
-def pooled(pool: WorkerPool) -> Iterator[None]:
-    """Within: the runner's per-case logic (gate, memory, time: bench.runner.measure_case) sends its tasks
-    to ``pool`` instead of a fresh process each. bench.runner has no parameter for that yet, so its
-    ``run_isolated`` is replaced for the duration."""
-    original: Callable = runner.run_isolated
-    runner.run_isolated = pool.run
-    try:
-        yield
-    finally:
-        runner.run_isolated = original
