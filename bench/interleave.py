@@ -175,7 +175,7 @@ def measure_interleaved(pairs: Sequence[tuple[Case, Case | None]], settings, int
     "interleave" worker timing every case that passed (see the module docstring).
     ``settings``: bench.runner.Settings (threads, timeout, memory limit, confidence)."""
     from .plugins import load_plugins
-    from .runner import _task, check_case, run_isolated
+    from .runner import worker_task, check_case, run_isolated
 
     note = note or (lambda text: print(text, file=sys.stderr))
     plugins = load_plugins()
@@ -187,7 +187,7 @@ def measure_interleaved(pairs: Sequence[tuple[Case, Case | None]], settings, int
         checked = check_case(case, settings, plugins, gates)
         fields = {k: v for k, v in checked.items() if k not in ("status", "error")}
         if checked["status"] == Status.OK:
-            checked = run_isolated(_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
+            checked = run_isolated(worker_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
             fields |= {k: v for k, v in checked.items() if k != "warnings"}
         measured[case] = {**fields, "status": checked["status"], "error": checked.get("error")}
     timed = [c for c in cases if measured[c]["status"] == Status.OK]
@@ -201,7 +201,7 @@ def measure_interleaved(pairs: Sequence[tuple[Case, Case | None]], settings, int
     warnings: list[str] = []
     for worker, rounds in enumerate(shares):  # fresh processes, one after another: what differs between them counts
         part = replace(interleave, rounds=rounds, workers=1, seed=interleave.seed + worker)
-        task = _task("interleave", settings, plugins, cases=[asdict(c) for c in timed], interleave=asdict(part))
+        task = worker_task("interleave", settings, plugins, cases=[asdict(c) for c in timed], interleave=asdict(part))
         result = run_isolated(task, settings.timeout_s)
         warnings += result.get("warnings") or []
         per_case = result.get("cases") or [{"status": result["status"], "error": result.get("error")}] * len(timed)

@@ -69,7 +69,8 @@ class Settings:
 
 
 @functools.cache
-def _context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context workers start in: a forkserver that has imported bench.worker once."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["bench.worker", "fvcore.nn"])
     return context
@@ -98,7 +99,8 @@ def bare_main() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _crash_result(exitcode: int | None, memory_limit_bytes: int | None = None) -> dict:
+def crash_result(exitcode: int | None, memory_limit_bytes: int | None = None) -> dict:
+    """The status of a worker that ended without a result (``memory_limit_bytes``: its --memory-limit)."""
     if exitcode == -signal.SIGKILL:
         return {"status": Status.OOM, "error": "worker killed by SIGKILL (the kernel's out-of-memory killer?)"}
     if exitcode is not None and exitcode < 0:
@@ -116,7 +118,7 @@ def run_isolated(task: dict, timeout_s: float) -> dict:
     The subprocess never outlives this call (an interrupt kills it before propagating)."""
     from . import worker
 
-    context = _context()
+    context = worker_context()
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=worker.child_main, args=(task, writer), daemon=True)
     with bare_main():
@@ -129,7 +131,7 @@ def run_isolated(task: dict, timeout_s: float) -> dict:
             return reader.recv()
         except EOFError:
             process.join(10)
-            return _crash_result(process.exitcode, task.get("memory_limit_bytes"))
+            return crash_result(process.exitcode, task.get("memory_limit_bytes"))
     finally:
         reader.close()
         process.join(0.5)
@@ -159,7 +161,8 @@ def gate_key(case: Case) -> tuple:
     return case.impl, case.device, case.dtype, case.direction, case.relative, case.impl_options
 
 
-def _task(kind: str, settings: Settings, plugins: list[str], **fields) -> dict:
+def worker_task(kind: str, settings: Settings, plugins: list[str], **fields) -> dict:
+    """A task for a worker (bench.worker.TASKS[kind]) with this sweep's threads, plugins and memory cap."""
     return {"kind": kind, "threads": settings.threads, "plugins": plugins,
             "memory_limit_bytes": settings.memory_limit_bytes, **fields}
 
@@ -181,7 +184,7 @@ def check_case(case: Case, settings: Settings, plugins: list[str], gates: dict, 
     if key not in gates:
         gate = dict(impl=case.impl, device=case.device, dtype=case.dtype, direction=case.direction,
                     relative=case.relative, options=case.impl_options)
-        gates[key] = (isolate or run_isolated)(_task("gate", settings, plugins, gate=gate), settings.timeout_s)
+        gates[key] = (isolate or run_isolated)(worker_task("gate", settings, plugins, gate=gate), settings.timeout_s)
     checked = gates[key]
     fields = {k: checked[k] for k in ("gate_max_error", "gate_tolerance", "warnings") if checked.get(k) is not None}
     return {**fields, "status": checked["status"], "error": checked.get("error")}
@@ -196,10 +199,10 @@ def measure_case(case: Case, settings: Settings, plugins: list[str], gates: dict
     if checked["status"] != Status.OK:
         return checked
     fields = {k: v for k, v in checked.items() if k not in ("status", "error")}
-    memory = isolate(_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
+    memory = isolate(worker_task("memory", settings, plugins, case=asdict(case)), settings.timeout_s)
     if memory["status"] != Status.OK:
         return {**fields, **memory}
-    timed = isolate(_task("time", settings, plugins, case=asdict(case), timer=asdict(settings.timer())),
+    timed = isolate(worker_task("time", settings, plugins, case=asdict(case), timer=asdict(settings.timer())),
                     settings.timeout_s)
     warnings = list(dict.fromkeys((fields.get("warnings") or []) + (memory.get("warnings") or []) + (timed.get("warnings") or [])))
     return {**fields, **memory, **timed, "warnings": warnings or None}
@@ -264,12 +267,14 @@ Executor = Callable[[list[tuple[Case, int]], Settings, list[str], Callable[[Case
 
 
 def measure_locally(todo: list[tuple[Case, int]], settings: Settings, plugins: list[str],
-                    started: Callable[[Case, int], None]) -> Iterator[tuple[Case, int, dict]]:
-    """The default executor: one case after another on this machine (each in its own subprocesses)."""
+                    started: Callable[[Case, int], None],
+                    measure: Callable[[Case, Settings, list[str], dict], dict] | None = None) -> Iterator[tuple[Case, int, dict]]:
+    """The default executor: one case after another on this machine (each in its own subprocesses), by
+    :func:`measure_case` or ``measure`` (bind it with functools.partial for another executor: profile's)."""
     gates: dict = {}
     for case, repeat in todo:
         started(case, repeat)
-        yield case, repeat, measure_here(case, settings, plugins, gates)
+        yield case, repeat, measure_here(case, settings, plugins, gates, measure)
 
 
 def _warn(text: str) -> None:

@@ -63,7 +63,7 @@ class WorkerPool:
 
     def _worker(self, owner: str) -> tuple:
         if owner not in self.workers:
-            context = runner._context()
+            context = runner.worker_context()
             parent, child = context.Pipe(duplex=True)
             process = context.Process(target=serve, args=(child,), daemon=True)
             with runner.bare_main():
@@ -97,7 +97,7 @@ class WorkerPool:
         except EOFError:
             process.join(10)
             self._stop(owner)
-            return runner._crash_result(process.exitcode)
+            return runner.crash_result(process.exitcode, task.get("memory_limit_bytes"))
 
     def close(self) -> None:
         """Stop every worker."""

@@ -28,7 +28,7 @@ from bench import measure, pipeline
 from bench.cli import UsageError, comma_choices, parse_device
 from bench.model_costs import model_costs
 from bench.report.tables import NOISY_MARK, NOISY_SPREAD, markdown as table_markdown
-from bench.runner import Settings, _task, run_isolated
+from bench.runner import Settings, run_isolated, worker_task
 from bench.schema import CONV, Status
 from bench.paper import GFLOPS_TOLERANCE, PARAMS_TOLERANCE_M, compare
 from sasa_impls.models import BLOCKS, VARIANTS, resnet, set_impl
@@ -116,7 +116,7 @@ def time_model(depth: int, variant: str, impl: str, device: torch.device, dtype:
             "batch": batch, "timer": settings.timer().__dict__}
 
     def stage(name: str) -> dict:
-        return run_isolated(_task("model", settings, [], **task, stage=name), settings.timeout_s)
+        return run_isolated(worker_task("model", settings, [], **task, stage=name), settings.timeout_s)
 
     if impl != CONV:
         checked = stage("check")

@@ -15,7 +15,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import store
-from ..cases import PRESETS
 from ..cli import UsageError, check_name, check_threads
 from ..plugins import load_plugins
 from ..profiling import counters
@@ -23,8 +22,8 @@ from ..profiling.cuda import needs_gpu
 from ..profiling.executor import profile_executor
 from ..profiling.task import ProfileOptions
 from ..runner import Settings, results_path, run_cases
-from ..schema import DIRECTIONS, DTYPES, Case
-from .run import SHAPE_DEFAULTS, build_cases
+from ..schema import Case
+from .run import add_case_flags, build_cases
 
 # The timer of the un-profiled latency each row compares its profile with (shorter than `run`'s: a profile
 # is about shares, and every case also runs its profiled calls and, for fused kernels, the ablation's variants).
@@ -38,16 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "allocations per stage (projections, logits, relative, softmax, aggregate, layout, other), fused "
                     "kernels by ablation; rows to OUT/<machine>/profile-<name>.jsonl.")
     add = parser.add_argument
-    add("--suite", help=f"a preset: {', '.join(PRESETS)} (else the grid given by the flags below)")
-    add("--impl", help="comma-separated implementations and/or 'conv' (default: every one available here but the reference)")
-    for flag, default in SHAPE_DEFAULTS.items():
-        add(f"--{flag}", help=f"comma-separated (default {default}; a preset sets them)")
-    add("--dtype", default="float32", help=f"dtypes among {', '.join(DTYPES)} (default float32)")
-    add("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    add("--direction", default=",".join(DIRECTIONS), help="fwd and/or fwd+bwd (default both)")
-    add("--level", default="layer", help="layer and/or op (default layer)")
-    add("--relative", default="auto", help="auto, yes, no; comma-separated for several (default auto)")
-    add("--impl-option", action="append", default=[], metavar="KEY=V1[,V2...]", help="an implementation option (as run)")
+    add_case_flags(add)
     add("--threads", type=int, default=TIMER.threads, help=f"CPU threads (default {TIMER.threads})")
     add("--timeout", type=float, default=TIMER.timeout_s, help=f"seconds per case and per gate (default {TIMER.timeout_s:g})")
     add("--out", default="results", help="results folder (default results/): rows go to OUT/<machine>/profile-<name>.jsonl")

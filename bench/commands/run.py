@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,9 +23,8 @@ SHAPE_DEFAULTS = {"k": "7", "channels": "64", "heads": "8", "res": "32", "batch"
 DEFAULT = Settings()
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run", help="measure implementations over a preset or a grid of shapes")
-    add = parser.add_argument
+def add_case_flags(add: Callable[..., object]) -> None:
+    """The flags that choose cases (a preset or a grid; read by :func:`build_cases`), for run and profile."""
     add("--suite", help=f"a preset: {', '.join(PRESETS)} (else the grid given by the flags below)")
     add("--impl", help="comma-separated implementations and/or 'conv' (default: every one available here "
                        "except the reference, plus conv)")
@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--impl-option", action="append", default=[], metavar="KEY=V1[,V2...]",
         help="an implementation option, e.g. block=4,8 (memory_blocks) or tile=4x8 (triton); each value is a "
              "case of the implementations that take KEY (`sasa-bench list` shows them); repeatable")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="measure implementations over a preset or a grid of shapes")
+    add = parser.add_argument
+    add_case_flags(add)
     add("--out", default="results", help="results folder (default results/); rows go to OUT/<machine>/<name>.jsonl")
     add("--name", help="result file name (default: the suite, or 'adhoc')")
     add("--resume", action="store_true", help="skip cases this commit already finished in the result file")

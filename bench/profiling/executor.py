@@ -3,8 +3,8 @@ profiled in an isolated worker of its own (task "profile": bench.profiling.task)
 timeout is that row's status and the sweep goes on."""
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
-from typing import Callable, Iterator
 
 from .. import runner
 from ..schema import Case, Status
@@ -19,7 +19,7 @@ def profile_case(case: Case, settings: runner.Settings, plugins: list[str], gate
     checked = runner.check_case(case, settings, plugins, gates)
     if checked["status"] != Status.OK:
         return {**checked, "profiler": PROFILER}
-    task = runner._task("profile", settings, plugins, case=asdict(case), timer=asdict(settings.timer()),
+    task = runner.worker_task("profile", settings, plugins, case=asdict(case), timer=asdict(settings.timer()),
                         profile=asdict(options), timeout_s=settings.timeout_s)
     profiled = runner.run_isolated(task, settings.timeout_s)
     warnings = list(dict.fromkeys((checked.get("warnings") or []) + (profiled.get("warnings") or [])))
@@ -29,12 +29,4 @@ def profile_case(case: Case, settings: runner.Settings, plugins: list[str], gate
 
 def profile_executor(options: ProfileOptions) -> runner.Executor:
     """An executor (bench.runner.Executor) profiling one case after another on this machine."""
-    def profile_locally(todo: list[tuple[Case, int]], settings: runner.Settings, plugins: list[str],
-                        started: Callable[[Case, int], None]) -> Iterator[tuple[Case, int, dict]]:
-        gates: dict = {}
-        for case, repeat in todo:
-            started(case, repeat)
-            measured = runner.measure_here(case, settings, plugins, gates,
-                                           measure=lambda *args: profile_case(*args, options=options))
-            yield case, repeat, measured
-    return profile_locally
+    return functools.partial(runner.measure_locally, measure=functools.partial(profile_case, options=options))
