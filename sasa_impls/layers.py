@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -75,6 +76,24 @@ def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     return _CHOSEN_BACKEND[key]
 
 
+_STACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def stacked_weight(convs: Sequence[nn.Conv2d]) -> torch.Tensor:
+    """The 1x1 ``convs``' weights stacked, (sum d_out, d_in). Where autograd does not record (inference), the
+    stack is kept with the first conv and made again only when a weight changes (its storage or version
+    counter): the copy took 40 us of a 2 ms k = 19 layer at 28x28."""
+    weights = [conv.weight for conv in convs]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return torch.cat([w[:, :, 0, 0] for w in weights])  # in the graph: the gradient flows to each conv
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device, w.shape) for w in weights)
+    cached = _STACKED.get(convs[0])
+    if cached is None or cached[0] != key:
+        cached = key, torch.cat([w.detach()[:, :, 0, 0] for w in weights])
+        _STACKED[convs[0]] = cached
+    return cached[1]
+
+
 def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Tensor]:
     """The outputs of the bias-free 1x1 ``convs`` on ``x`` from one product (their weights stacked), by the
     backend :func:`projection_backend` picks; each output a channel-major view of the product (no copy).
@@ -82,7 +101,7 @@ def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.
     themselves run."""
     if x.device.type == "meta":
         return [conv(x) for conv in convs]
-    weight = torch.cat([conv.weight[:, :, 0, 0] for conv in convs])  # (sum d_out, d_in): a few KiB copied
+    weight = stacked_weight(convs)
     out = PROJECTION_BACKENDS[projection_backend(x, weight)](x, weight)
     return list(out.split([conv.out_channels for conv in convs], dim=1))
 

@@ -151,3 +151,20 @@ def test_projection_backend_is_measured_once_per_shape(monkeypatch):
 def test_input_of_another_rank_is_one_line_error(layer, shape):
     with pytest.raises(ValueError, match=r"^x: expected rank 4 \(B, C, H, W\), got shape " + str(shape).replace("(", r"\(").replace(")", r"\)")):
         layer(torch.randn(shape))
+
+
+def test_inference_projection_follows_weight_updates():
+    """Outside autograd the stacked weight is cached: an in-place update (an optimizer step) or a loaded
+    state_dict must still reach the next call."""
+    layer = sasa_impls.SASA2d(8, 8, 3, heads=2, impl="unfold")
+    x = torch.randn(1, 8, 5, 5)
+    convs = (layer.query, layer.key, layer.value)
+    with torch.no_grad():
+        before = sasa_impls.layers.fused_projection(x, convs)[1].clone()
+        layer.key.weight.mul_(-2.0)
+        after = sasa_impls.layers.fused_projection(x, convs)[1]
+        torch.testing.assert_close(after, -2.0 * before, rtol=1e-5, atol=1e-5)
+        layer.load_state_dict({name: torch.randn_like(t) for name, t in layer.state_dict().items()})
+        loaded = sasa_impls.layers.fused_projection(x, convs)
+        for out, conv in zip(loaded, convs):
+            torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)

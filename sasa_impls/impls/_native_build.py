@@ -31,7 +31,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -65,7 +65,7 @@ def cpu_flags() -> str:
 
 def _ninja_on_path() -> bool:
     """torch runs ``ninja`` from PATH; the pip package's binary counts too (added to PATH when used)."""
-    if shutil.which("ninja"):
+    if _which("ninja", os.environ.get("PATH")):
         return True
     try:
         import ninja
@@ -75,10 +75,16 @@ def _ninja_on_path() -> bool:
     return shutil.which("ninja") is not None
 
 
+@functools.lru_cache(maxsize=64)
+def _which(program: str, path: Optional[str]) -> Optional[str]:
+    """shutil.which(program) on ``path`` (PATH), cached: every call of the op asks (native_available)."""
+    return shutil.which(program, path=path)
+
+
 def toolchain_problem(device_type: str) -> str:
     """Why the extension for ``device_type`` cannot be built here ("" when it can)."""
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    if _which(compiler, os.environ.get("PATH")) is None:
         return f"no C++ compiler: {compiler!r} (CXX or c++) is not on PATH"
     if not _ninja_on_path():
         return "ninja is not installed (pip install ninja): torch.utils.cpp_extension needs it"
@@ -87,7 +93,7 @@ def toolchain_problem(device_type: str) -> str:
             return "torch is a CPU-only build (torch.version.cuda is None): it cannot run CUDA extensions"
         from torch.utils.cpp_extension import CUDA_HOME
 
-        if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
+        if CUDA_HOME is None or _which(os.path.join(CUDA_HOME, "bin", "nvcc"), os.environ.get("PATH")) is None:
             return "no CUDA toolkit: nvcc not found (set CUDA_HOME)"
     if device_type in _FAILURES:
         return f"the native {device_type} build failed in this process: {_FAILURES[device_type]}"

@@ -88,7 +88,7 @@ inline void store_pixels(const Plane<S>& out, int i, int x0, int n, Strided<T> v
         if (n == kLanes<T>) {
           store(dst, v);
         } else {
-          std::memcpy(dst, &v, n * sizeof(T));
+          store_first(dst, v, n);
         }
       } else {
         for (int lane = 0; lane < n; ++lane) dst[lane] = static_cast<S>(v[lane]);

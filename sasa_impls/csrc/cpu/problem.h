@@ -45,7 +45,7 @@ inline void rows_within(int row, int first_row, int count, int radius, int& firs
   last = row + radius - first_row < count - 1 ? row + radius - first_row : count - 1;
 }
 
-// Default band: at least 8 rows, and at least 2r so a band's key rows (its halo) are at most twice its
+// Default band of the backward: at least 8 rows, and at least 2r so a band's key rows (its halo) are at most twice its
 // query rows: the backward's per-band key-gradient buffers then stay O(H W D) whatever k.
 inline int default_band(int kernel_size) { return kernel_size - 1 > 8 ? kernel_size - 1 : 8; }
 

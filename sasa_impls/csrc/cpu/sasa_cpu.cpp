@@ -63,8 +63,16 @@ void run_tasks(int64_t tasks, const MakeWorkspace& make_workspace, const Fn& fn)
   });
 }
 
-Bands bands_of(const Shape& s, int64_t band) {
-  return {s.height, band > 0 ? static_cast<int>(band) : default_band(s.kernel_size)};
+// Tasks are numbered band-major (task = band * planes + plane): the bands cut short by the image's
+// bottom come last, so the threads' last tasks are the small ones.
+struct Task {
+  int b, h, band;
+};
+
+Task task_of(const Shape& s, int64_t task) {
+  const int64_t planes = static_cast<int64_t>(s.batch) * s.heads;
+  const int plane = task % planes;
+  return {plane / s.heads, plane % s.heads, static_cast<int>(task / planes)};
 }
 
 at::Tensor maybe_poisoned(at::Tensor t, bool poison) {
@@ -75,7 +83,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
                                 int64_t kernel_size, double scale, bool poison, int64_t band) {
   const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
-  const Bands bands = bands_of(shape, band);
+  const Bands bands{shape.height, band > 0 ? static_cast<int>(band) : default_forward_band(shape, at::get_num_threads())};
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -90,8 +98,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     run_tasks(static_cast<int64_t>(shape.batch) * shape.heads * bands.count(),
               [&] { return ForwardWorkspace<T>(shape); },
               [&](ForwardWorkspace<T>& ws, int64_t task) {
-                const int t = task % bands.count(), bh = task / bands.count();
-                forward_task(shape, args, bh / shape.heads, bh % shape.heads, bands.begin(t), bands.end(t), ws);
+                const Task t = task_of(shape, task);
+                forward_task(shape, args, t.b, t.h, bands.begin(t.band), bands.end(t.band), ws);
               });
   });
   return {out, lse};
@@ -103,7 +111,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
   const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out, out: expected q's shape");
-  const Bands bands = bands_of(shape, band);
+  const Bands bands{shape.height, band > 0 ? static_cast<int>(band) : default_band(shape.kernel_size)};
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const at::Tensor grad = grad_out.to(q.scalar_type());
@@ -131,8 +139,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         view5<scalar_t>(dq), halo.data_ptr<T>(), halo_offset.data(), partial.data_ptr<T>()};
     run_tasks(tasks, [&] { return BackwardWorkspace<T>(shape, bands.band); },
               [&](BackwardWorkspace<T>& ws, int64_t task) {
-                const int bh = task / bands.count();
-                backward_task(shape, bands, args, bh / shape.heads, bh % shape.heads, task % bands.count(), ws);
+                const Task t = task_of(shape, task);
+                backward_task(shape, bands, args, t.b, t.h, t.band, ws);
               });
     const Tensor5<scalar_t> dk5 = view5<scalar_t>(dk), dv5 = view5<scalar_t>(dv);
     run_tasks(planes * shape.height, [&] { return std::vector<T>(halo_row_size<T>(shape)); },
