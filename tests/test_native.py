@@ -126,20 +126,39 @@ def test_repeated_backward_is_bitwise_deterministic():
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-def test_low_precision_keeps_dtype_and_accumulates_in_fp32(dtype):
-    inputs = random_inputs(2, 2, 9, 18, 16, 5, True, dtype=dtype, requires_grad=True)
+def assert_close_to_float64(inputs, kernel_size, scale):
+    """The kernel in the inputs' dtype against the float64 reference, output and every gradient within the
+    dtype's TOLERANCE (gradients relative to their largest element)."""
+    dtype = inputs[0].dtype
     exact = [t.detach().double().requires_grad_() for t in inputs]
-    actual = native_attention(*inputs, 5, 0.5)
-    expected = reference_attention(*exact, 5, 0.5)
+    actual = native_attention(*inputs, kernel_size, scale)
+    expected = reference_attention(*exact, kernel_size, scale)
     assert actual.dtype == dtype
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol)
     cotangent = torch.randn_like(expected)
     for name, got, want in zip(NAMES, grads(actual, inputs, cotangent.to(dtype)), grads(expected, exact, cotangent)):
         assert got.dtype == dtype, name
-        scale = want.abs().max().item()
-        torch.testing.assert_close(got.double() / scale, want / scale, rtol=tol, atol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+        magnitude = want.abs().max().item()
+        torch.testing.assert_close(got.double() / magnitude, want / magnitude, rtol=tol, atol=tol,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_low_precision_keeps_dtype_and_accumulates_in_fp32(dtype):
+    assert_close_to_float64(random_inputs(2, 2, 9, 18, 16, 5, True, dtype=dtype, requires_grad=True), 5, 0.5)
+
+
+@pytest.mark.skipif("avx2" not in _native_build.cpu_flags().split(), reason="the CPU has no AVX2")
+def test_avx2_build_matches_reference():
+    """The AVX2 code path (8 fp32 / 4 fp64 lanes, AVX2's masked stores, the exp by exponent bits), built with
+    -march=haswell: what an AVX2-only CPU runs, checked here whatever wider ISA this CPU has."""
+    with native.cpu_variant("avx2"):
+        for batch, heads, height, width, head_dim, kernel_size, with_rel, scale, band in CASES[:3]:
+            inputs = random_inputs(batch, heads, height, width, head_dim, kernel_size, with_rel, requires_grad=True)
+            assert_matches_reference(inputs, kernel_size, scale, band=band)
+        assert_close_to_float64(random_inputs(2, 2, 9, 21, 16, 19, True, dtype=torch.float32, requires_grad=True), 19, 0.5)
+        assert native.CPU_VARIANT == "avx2"
 
 
 def error_of(impl, *args, **kwargs) -> tuple[type, str]:

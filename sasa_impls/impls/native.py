@@ -46,7 +46,7 @@ CUDA_MAX_HEAD_DIM = 256
 # with NaN before the kernels write it, so an element a kernel forgets shows up instead of hiding behind
 # stale memory.
 POISON_OUTPUTS = False
-# Profiling aid (sasa-bench profile's ablations): the CPU_VARIANTS build the CPU kernel runs, "" the normal one.
+# The CPU_VARIANTS build the CPU kernel runs: "" the normal one; others for profiling ablations and tests.
 CPU_VARIANT = ""
 
 
@@ -70,9 +70,10 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def profiling_variant(variant: str) -> Iterator[None]:
-    """Within: the CPU kernel is the profiling build ``variant`` of _native_build.CPU_VARIANTS (e.g. "no_exp",
-    wrong results by design: for timing ablations only); the normal build is untouched and used again after."""
+def cpu_variant(variant: str) -> Iterator[None]:
+    """Within: the CPU kernel is the build ``variant`` of _native_build.CPU_VARIANTS ("no_exp": wrong results by
+    design, for timing ablations only; "avx2": the AVX2 code path); the normal build is untouched and used
+    again after."""
     global CPU_VARIANT
     cpu_extension(variant)  # build (or fail) before switching
     CPU_VARIANT = variant

@@ -21,9 +21,25 @@ struct Plane {
   S& operator()(int i, int x, int d) const { return data[i * row_stride + x * col_stride + d * channel_stride]; }
 };
 
+// Aligned storage for n vectors (std::vector would not honour the vectors' alignment).
+template <typename T>
+class VecBuffer {
+ public:
+  explicit VecBuffer(size_t n) : data_(new Vec<T>[n]()) {}
+  T* data() { return reinterpret_cast<T*>(data_.get()); }
+  const T* data() const { return reinterpret_cast<const T*>(data_.get()); }
+  Strided<T> strided() { return {data(), kLanes<T>}; }
+  Vec<T>& operator[](size_t i) { return data_[i]; }
+
+ private:
+  std::unique_ptr<Vec<T>[]> data_;
+};
+
 // Rows of one plane as T, scaled, in a ring of ``capacity`` rows (row i lives in slot i % capacity, so
 // a sweep down the image packs each row once and overwrites rows it has left behind). Channel d of a
-// row is a segment of W + radius elements: the image row followed by ``radius`` zeros. Consecutive
+// row is a segment of W + radius elements rounded up to whole vectors: the image row followed by at least
+// ``radius`` zeros, every segment starting on a vector boundary (aligned loads at the query blocks' columns:
+// a load that straddles two cache lines costs two of the load ports' slots). Consecutive
 // segments share those zeros, so a window shifted by up to ``radius`` columns either way from any
 // column of the image reads real keys or zeros (masked positions), never another row's data. The
 // front and back padding absorb the loads of the last, partial vector of a row and of the
@@ -35,9 +51,10 @@ class PackedRows {
       : capacity_(capacity),
         channels_(channels),
         width_(width),
-        segment_(width + radius),
-        front_(radius + kLanes<T>),
-        data_(front_ + static_cast<size_t>(capacity) * channels * segment_ + radius + 2 * kLanes<T>, T(0)) {}
+        segment_(round_up(width + radius)),
+        front_(round_up(radius + kLanes<T>)),
+        data_(static_cast<size_t>(front_ + static_cast<int64_t>(capacity) * channels * segment_ + radius + 2 * kLanes<T>) /
+                  kLanes<T> + 1) {}
 
   // Pack row i of ``src`` into its slot. Only [0, W) of a segment is ever written: the zero gaps and the
   // padding stay zero.
@@ -65,9 +82,11 @@ class PackedRows {
   int64_t channel_stride() const { return segment_; }
 
  private:
+  static int64_t round_up(int64_t n) { return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+
   int capacity_, channels_, width_;
   int64_t segment_, front_;
-  std::vector<T> data_;
+  VecBuffer<T> data_;
 };
 
 // Round up to whole vectors: the width of the per-row scratch buffers.
@@ -101,18 +120,5 @@ inline void store_pixels(const Plane<S>& out, int i, int x0, int n, Strided<T> v
     }
   }
 }
-
-// Aligned storage for n vectors (std::vector would not honour the vectors' alignment).
-template <typename T>
-class VecBuffer {
- public:
-  explicit VecBuffer(size_t n) : data_(new Vec<T>[n]()) {}
-  T* data() { return reinterpret_cast<T*>(data_.get()); }
-  Strided<T> strided() { return {data(), kLanes<T>}; }
-  Vec<T>& operator[](size_t i) { return data_[i]; }
-
- private:
-  std::unique_ptr<Vec<T>[]> data_;
-};
 
 }  // namespace sasa::cpu
