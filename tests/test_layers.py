@@ -112,14 +112,15 @@ def test_layer_backward_reaches_every_parameter():
 
 @pytest.mark.parametrize("backend", sorted(sasa_impls.layers.PROJECTION_BACKENDS))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_projection_matches_three_convs(backend, channels_last, monkeypatch):
-    """One product of the stacked weights gives the three convs' outputs and gradients, whichever backend runs;
-    the outputs are views of that one product (no copies)."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_projection_matches_three_convs(backend, channels_last, batch, monkeypatch):
+    """One product of the stacked weights gives the three convs' outputs and gradients, whichever backend runs
+    (batch 1 takes the matmul backend's plain GEMM); the outputs are views of that one product (no copies)."""
     layer = sasa_impls.SASA2d(12, 16, 3, heads=4)
-    x = torch.randn(2, 12, 5, 7)
+    x = torch.randn(batch, 12, 5, 7)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    key = (tuple(x.shape), 48, x.dtype, x.device, x.is_contiguous())
+    key = (tuple(x.shape), 48, x.dtype, x.device, x.is_contiguous(), True)
     monkeypatch.setitem(sasa_impls.layers._CHOSEN_BACKEND, key, backend if x.is_contiguous() else "conv")
     convs = (layer.query, layer.key, layer.value)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -135,14 +136,25 @@ def test_fused_projection_matches_three_convs(backend, channels_last, monkeypatc
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_projection_backend_is_measured_once_per_shape(monkeypatch):
+def test_projection_backend_is_measured_once_per_shape_and_mode(monkeypatch):
+    """Training (autograd recording) and inference are timed apart: each picks the backend faster in its mode."""
     monkeypatch.setattr(sasa_impls.layers, "_CHOSEN_BACKEND", {})
+    timed = []
+    original = sasa_impls.layers._timed_call
+    monkeypatch.setattr(sasa_impls.layers, "_timed_call",
+                        lambda fn, x, w, training: timed.append(training) or original(fn, x, w, training))
     layer = sasa_impls.SASA2d(8, 8, 3, heads=2)
     layer(torch.randn(1, 8, 6, 6))
     layer(torch.randn(1, 8, 6, 6))
     layer(torch.randn(1, 8, 4, 6))
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 6, 6))
+        layer(torch.randn(1, 8, 6, 6))
     chosen = sasa_impls.layers._CHOSEN_BACKEND
-    assert len(chosen) == 2 and set(chosen.values()) <= set(sasa_impls.layers.PROJECTION_BACKENDS)
+    assert sorted(key[-1] for key in chosen) == [False, True, True]
+    assert set(chosen.values()) <= set(sasa_impls.layers.PROJECTION_BACKENDS)
+    backends = len(sasa_impls.layers.PROJECTION_BACKENDS)
+    assert timed == [True] * backends * 2 + [False] * backends
 
 
 @pytest.mark.parametrize("layer", [sasa_impls.SASA2d(8, 8, 3, heads=2), sasa_impls.AttentionStem(3, 8, heads=2, pool=2)],
