@@ -12,10 +12,11 @@ forward's scratch does not grow with the band). The backward recomputes the prob
 saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise independent
 of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle
 tolerances). Status (README "What the committed results say"): the fastest attention on the CPU at
-every benchmark shape; SASA2d(128, 128, k=19) forward takes 2.0x a k = 3 convolution on an AVX-512 Xeon
-(2.9x earlier on an AVX2 EPYC), the bare op at k = 19 reaches 31% of the physical FMA peak forward and
-24% fwd+bwd (`scripts/native_targets.py`): the issue-20 goals (1.5x, 50%) are not met yet. The AVX2 build
-compiles and passes the accuracy checks (built by hand with -march=haswell) but has not been timed since.
+every benchmark shape; SASA2d(128, 128, k=19) takes 1.6x a k = 3 convolution forward and 2.0x fwd+bwd on an
+AVX-512 Xeon (`sasa-bench claim`; 2.9x forward earlier on an AVX2 EPYC), the bare op at k = 19 reaches about
+30% of the physical FMA peak forward and 20% fwd+bwd (`scripts/native_targets.py`): the issue-20 goals
+(1.5x, 50%) are not met yet. The AVX2 build (the "avx2" variant, -march=haswell) passes the reference
+checks in the tests on any AVX2 machine but has not been timed on an AVX2-only CPU since.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
