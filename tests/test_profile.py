@@ -109,12 +109,14 @@ def test_unfold_attention_stages_grow_with_k(k_sweep):
         assert large["logits"]["alloc_bytes"] > small["logits"]["alloc_bytes"]  # the k x k products
 
 
-def test_unfold_projections_stay_within_2x_from_k3_to_k19():
-    """The 1x1 projections do not depend on k. Profiled in this process, so both k share SASA2d's choice of
-    projection backend (timed once per shape at first use). Right after a k = 19 unfold (hundreds of MB
-    touched) the same projections really run slower, by a roughly fixed ~0.2 ms (measured outside the
-    profiler too: 0.43 vs 0.21 ms back to back at batch 4, where that made the ratio 1.8-2.5x); at batch 16 the
-    projections take ~0.9 ms and the ratio is 1.3-1.6x. Best of up to three alternating profiles (shared cores)."""
+def test_unfold_projections_stay_within_3x_from_k3_to_k19():
+    """The 1x1 projections do not depend on k (work of the k x k stages attributed to them would grow them
+    about 40x from k = 3 to 19). Profiled in this process, so both k share SASA2d's choice of projection
+    backend (timed once per shape at first use). Right after a k = 19 unfold (hundreds of MB touched) the same
+    projections really run slower, by a roughly fixed ~0.2 ms (measured outside the profiler too: 0.43 vs
+    0.21 ms back to back at batch 4). At batch 16 that made the ratio 1.3-1.6x while the stacked weight was
+    copied on every call, and 2.2-2.8x in CI once inference reused it (the projections themselves faster).
+    Best of up to three alternating profiles (shared cores)."""
     timer = measure.TimerSettings(warmup=1, reps=2, min_time_s=0.05, max_time_s=0.3, threads=1)
     torch.set_num_threads(1)
     cases = {k: Case("unfold", k, 128, 8, 8, 16, "float32", "cpu", "fwd") for k in (3, 19)}
@@ -123,9 +125,9 @@ def test_unfold_projections_stay_within_2x_from_k3_to_k19():
         stages = {k: profile_case(case, timer)["stages"] for k, case in cases.items()}
         assert stages[19]["projections"]["macs"] == stages[3]["projections"]["macs"]
         ratios.append(stages[19]["projections"]["ms"] / stages[3]["projections"]["ms"])
-        if 0.5 <= ratios[-1] <= 2:
+        if 0.5 <= ratios[-1] <= 3:
             break
-    assert 0.5 <= ratios[-1] <= 2, ratios
+    assert 0.5 <= ratios[-1] <= 3, ratios
 
 
 def test_trace_is_json_with_the_stage_regions(k_sweep):
