@@ -65,26 +65,30 @@ def cpu_flags() -> str:
 
 def _ninja_on_path() -> bool:
     """torch runs ``ninja`` from PATH; the pip package's binary counts too (added to PATH when used)."""
-    if _which("ninja", os.environ.get("PATH")):
+    if _which("ninja"):
         return True
     try:
         import ninja
     except ImportError:
         return False
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    return shutil.which("ninja") is not None
+    return _which("ninja") is not None
 
 
 @functools.lru_cache(maxsize=64)
-def _which(program: str, path: Optional[str]) -> Optional[str]:
-    """shutil.which(program) on ``path`` (PATH), cached: every call of the op asks (native_available)."""
+def _which_on(program: str, path: Optional[str]) -> Optional[str]:
     return shutil.which(program, path=path)
+
+
+def _which(program: str) -> Optional[str]:
+    """shutil.which(program), cached per PATH: every call of the op asks (native_available)."""
+    return _which_on(program, os.environ.get("PATH"))
 
 
 def toolchain_problem(device_type: str) -> str:
     """Why the extension for ``device_type`` cannot be built here ("" when it can)."""
     compiler = os.environ.get("CXX", "c++")
-    if _which(compiler, os.environ.get("PATH")) is None:
+    if _which(compiler) is None:
         return f"no C++ compiler: {compiler!r} (CXX or c++) is not on PATH"
     if not _ninja_on_path():
         return "ninja is not installed (pip install ninja): torch.utils.cpp_extension needs it"
@@ -93,7 +97,7 @@ def toolchain_problem(device_type: str) -> str:
             return "torch is a CPU-only build (torch.version.cuda is None): it cannot run CUDA extensions"
         from torch.utils.cpp_extension import CUDA_HOME
 
-        if CUDA_HOME is None or _which(os.path.join(CUDA_HOME, "bin", "nvcc"), os.environ.get("PATH")) is None:
+        if CUDA_HOME is None or _which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
             return "no CUDA toolkit: nvcc not found (set CUDA_HOME)"
     if device_type in _FAILURES:
         return f"the native {device_type} build failed in this process: {_FAILURES[device_type]}"
