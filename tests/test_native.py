@@ -114,6 +114,20 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
             assert torch.equal(first, second), name
 
 
+def test_inference_skips_autograd_and_gives_the_training_bits():
+    """Without grad mode (or without an input that requires grad) the forward kernel runs alone, no autograd
+    node; with both, FusedSASA records the backward. The bits are the same either way."""
+    inputs = random_inputs(1, 2, 9, 11, 8, 5, requires_grad=True)
+    recorded = native_attention(*inputs, 5, 0.6)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        inference = native_attention(*inputs, 5, 0.6)
+    plain = native_attention(*(t.detach() for t in inputs), 5, 0.6)
+    assert inference.grad_fn is None and plain.grad_fn is None
+    assert torch.equal(inference, recorded.detach()) and torch.equal(plain, recorded.detach())
+    torch.testing.assert_close(plain, reference_attention(*(t.detach() for t in inputs), 5, 0.6), rtol=1e-10, atol=1e-10)
+
+
 def test_repeated_backward_is_bitwise_deterministic():
     inputs = random_inputs(2, 2, 10, 9, 8, 5, True, dtype=torch.float32, requires_grad=True)
     cotangent = torch.randn(2, 2, 10, 9, 8)

@@ -1,6 +1,7 @@
 """The autograd of the fused kernels (native, triton): a forward that also returns the log-sum-exp of
 every query's logits, and a backward that recomputes the probabilities from it (flash-style), so nothing
-of size k^2 per pixel is saved. Each implementation supplies its kernel pair as :class:`FusedKernels`.
+of size k^2 per pixel is saved. Each implementation supplies its kernel pair as :class:`FusedKernels` and
+calls :func:`fused_attention`.
 """
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ class FusedSASA(torch.autograd.Function):
         (grad_out,) = ctx.kernels.prepare(grad_out)
         grads = ctx.kernels.backward(grad_out, q, k, v, rel_row, rel_col, out, lse, *ctx.config)
         return (None, *(*grads, None, None)[:5], None, None, None)  # content-only kernels return 3 gradients
+
+
+def fused_attention(kernels: FusedKernels, q: Tensor, k: Tensor, v: Tensor, rel_row: Optional[Tensor],
+                    rel_col: Optional[Tensor], kernel_size: int, scale: float, config: Any) -> Tensor:
+    """The op through ``kernels``: FusedSASA where autograd records (grad mode on and an input that requires
+    grad), else the forward kernel alone. Function.apply saves the tensors for a backward that will not run:
+    it cost 39 us of a 1.15 ms native k = 19 op at 28x28 (2 threads) and a third of a small op's 30 us."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_row, rel_col)):
+        return FusedSASA.apply(kernels, q, k, v, rel_row, rel_col, kernel_size, scale, config)
+    inputs = kernels.prepare(q, k, v, rel_row, rel_col)
+    return kernels.forward(*inputs, kernel_size, scale, config)[0]

@@ -37,7 +37,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..registry import AttentionSpec, Impl, Option, positive_int, register
-from ._fused import FusedSASA
+from ._fused import fused_attention
 from ._native_build import cpu_extension, cuda_extension, native_available
 
 # Head dims the CUDA kernels take (channels padded to a power of two, 8 threads' worth each).
@@ -130,7 +130,7 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_row:
     ``band``: query rows per CPU task (default max(8, k - 1); 0 to the extension); the gradients' bits
     depend on it, never on the thread count. CUDA tiles are fixed per head dim (csrc/cuda/plan.h)."""
     band = 0 if band is None else check_band(band)
-    return FusedSASA.apply(_NativeKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
+    return fused_attention(_NativeKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
 
 
 register(

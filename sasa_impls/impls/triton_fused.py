@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from ..registry import Impl, Option, int_pair, register
-from ._fused import FusedSASA
+from ._fused import fused_attention
 
 
 def default_tile(head_dim: int, kernel_size: int) -> tuple[int, int]:
@@ -96,7 +96,7 @@ def triton_attention(q, k, v, rel_row, rel_col, kernel_size: int, scale: float =
     """Fused SASA (forward and backward in Triton); ``tile`` is the (rows, columns) query/key tile
     (default: :func:`default_tile`)."""
     tile = check_tile(tile) if tile is not None else default_tile(q.shape[-1], kernel_size)
-    return FusedSASA.apply(_TritonKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), tile)
+    return fused_attention(_TritonKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), tile)
 
 
 register(
