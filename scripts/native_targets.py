@@ -2,7 +2,7 @@
 Conv2d(128, 128, 3), fp32, measured side by side in one process, calls interleaved so the machine's drift
 cancels (ratios of medians). Prints one line per target: measured, target, met or missed.
 
-    python scripts/native_targets.py                 # about 2 minutes
+    python scripts/native_targets.py                 # about a minute
     python scripts/native_targets.py --seconds 1     # shorter (noisier) timing windows
 
 Targets: the layer within 1.5x of the conv (28x28 and 32x32, batch 1 and 8, fwd and fwd+bwd); the bare op
@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--block", type=float, default=0.05, help="seconds of calls per fn and round (default 0.05, "
                                                                 "as sasa-bench claim)")
     args = parser.parse_args()
+    for flag, value in (("--seconds", args.seconds), ("--block", args.block)):
+        if not value > 0:
+            parser.error(f"{flag}: expected a positive number of seconds, got {value:g}")
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     # The first SASA2d a process calls ran 4-20% slower than later instances for as long as it was timed

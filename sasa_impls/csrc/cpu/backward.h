@@ -61,7 +61,7 @@ struct BackwardWorkspace {
   std::vector<T> probs, dscores;          // [G][G][k][ws]: p and dS of (query row g, key row a0 + e)
   std::vector<T> ds_rows, ds_cols;        // [band rows][k][wp]: sums of dS per row / column offset
   std::vector<T> dq;                      // [band rows][D][wp]: dQ / scale
-  VecBuffer<T> logits, dp;               // G k vectors each
+  VecBuffer<T> logits, dp;                // G k vectors each
 
   BackwardWorkspace(const Shape& s, int band)
       : wp(padded_width<T>(s.width)),
