@@ -33,3 +33,12 @@ def stage(name: str) -> ContextManager:
     if name not in STAGES:
         raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {name!r}")
     return _autograd_profiler.record_function(PREFIX + name)
+
+
+def kernel(name: str) -> ContextManager:
+    """A range named ``name`` around a kernel called outside any torch op (an extension's function called
+    directly) while profiling, else nothing: without one the profiler would not see its time at all. The
+    name is no stage, so the profiler counts the time as a fused kernel's (bench.profiling.attribute)."""
+    if not torch.autograd._profiler_enabled():
+        return _NULL
+    return _autograd_profiler.record_function(name)

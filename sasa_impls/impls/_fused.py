@@ -10,6 +10,8 @@ from typing import Any, Optional, Protocol
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..regions import kernel
+
 Tensor = torch.Tensor
 
 
@@ -56,4 +58,5 @@ def fused_attention(kernels: FusedKernels, q: Tensor, k: Tensor, v: Tensor, rel_
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_row, rel_col)):
         return FusedSASA.apply(kernels, q, k, v, rel_row, rel_col, kernel_size, scale, config)
     inputs = kernels.prepare(q, k, v, rel_row, rel_col)
-    return kernels.forward(*inputs, kernel_size, scale, config)[0]
+    with kernel(FusedSASA.__name__):  # the range autograd gives FusedSASA, so profiles read the same either way
+        return kernels.forward(*inputs, kernel_size, scale, config)[0]
