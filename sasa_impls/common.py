@@ -8,6 +8,11 @@ import torch
 MASKED_LOGIT = -1e30
 
 
+def records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` here: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in fp32 (fp64 for fp64 inputs, so the oracle comparisons stay tight)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import records_autograd
 from .functional import check_kernel_size, local_attention, rel_shapes
 from .regions import stage
 from .registry import get_impl
@@ -88,7 +89,7 @@ def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""
     if x.device.type == "meta" or torch.jit.is_tracing():
         return "conv"
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    training = records_autograd(x, weight)
     key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training)
     if key not in _CHOSEN_BACKEND:
         candidates = PROJECTION_BACKENDS if x.is_contiguous() else {"conv": _project_conv}
@@ -105,7 +106,7 @@ def stacked_weight(convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     stack is kept with the first conv and made again only when a weight changes (its storage or version
     counter): the copy took 40 us of a 2 ms k = 19 layer at 28x28."""
     weights = [conv.weight for conv in convs]
-    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+    if records_autograd(*weights):
         return torch.cat([w[:, :, 0, 0] for w in weights])  # in the graph: the gradient flows to each conv
     key = tuple((w.data_ptr(), w._version, w.dtype, w.device, w.shape) for w in weights)
     cached = _STACKED.get(convs[0])

@@ -14,6 +14,7 @@ with 8 split loads at 58%, and the kernel's contraction at 45-55%.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from sasa_impls.impls import _native_build
 SOURCE = Path(__file__).with_name("microkernel_ceiling.cpp")
 
 
+@functools.cache
 def extension():
     """The compiled ceiling loops, named for the kernel's headers, this file's source, the flags and the ISA."""
     problem = _native_build.toolchain_problem("cpu")
