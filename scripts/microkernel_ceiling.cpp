@@ -56,10 +56,11 @@ __attribute__((noinline)) T loaded_fmas(const T* buffer, int64_t iterations, int
   return hsum(total);
 }
 
-// The kernel's contraction of ROWS rows, m outputs, a reduction of n, ``right`` over an L1-resident row.
+// The kernel's contraction of ROWS rows, m outputs, a reduction of n, ``right`` over an L1-resident row,
+// accumulated onto ``out`` (rescaled first where the forward's aggregation rescales: ``rescale``).
 template <int ROWS, class Right>
 Row contraction(const std::string& name, int m, int n, const Right& right, std::vector<T>& out, int64_t out_stride,
-                const std::vector<T>& left, int64_t left_stride, int64_t calls) {
+                const std::vector<T>& left, int64_t left_stride, int64_t calls, bool rescale = false) {
   Strided<T> outs[ROWS];
   Loads<T> lefts[ROWS];
   Vec<T> alpha[ROWS];
@@ -68,7 +69,13 @@ Row contraction(const std::string& name, int m, int n, const Right& right, std::
     lefts[r] = {left.data() + r * 1104, left_stride};
     alpha[r] = splat(T(1));
   }
-  return timed(name, 2.0 * ROWS * m * n * L, calls, [&] { contract<T, ROWS>(outs, m, alpha, lefts, right, n); });
+  return timed(name, 2.0 * ROWS * m * n * L, calls, [&] {
+    if (rescale) {
+      contract<T, ROWS>(outs, m, Rescale<T>{outs, alpha}, lefts, right, n);
+    } else {
+      contract<T, ROWS>(outs, m, Accumulate<T>{outs}, lefts, right, n);
+    }
+  });
 }
 
 std::vector<Row> ceiling(int64_t iterations) {
@@ -89,7 +96,8 @@ std::vector<Row> ceiling(int64_t iterations) {
   const T* key = row.data() + 2 * L;
   // forward q.k: 4 query rows, k = 19 column offsets, D = 16 channels; a.v: 16 channels, 19 offsets
   rows.push_back(contraction<4>("contract q.k (4 rows, 19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
-  rows.push_back(contraction<4>("contract a.v (4 rows, 16 x 19)", 16, 19, VectorAt<T>{key, 1, cs}, out, 2 * L, left, L, calls));
+  rows.push_back(contraction<4>("contract a.v (4 rows, 16 x 19)", 16, 19, VectorAt<T>{key, 1, cs}, out, 2 * L, left, L, calls,
+                                true));
   // backward: 2 rows; dP like q.k, dQ like a.v, dK / dV from the diagonal of the p / dS scratch
   rows.push_back(contraction<2>("contract dP (2 rows, 19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
   rows.push_back(contraction<2>("contract dK (2 rows, 16 x 19)", 16, 19, VectorAt<T>{key + 2 * L, -1, cs}, out, 2 * L,

@@ -175,10 +175,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
   std::fill(ws.dq.begin(), ws.dq.end(), T(0));
   std::fill(ws.ds_rows.begin(), ws.ds_rows.end(), T(0));  // offsets whose key row is outside stay 0
   std::fill(ws.ds_cols.begin(), ws.ds_cols.end(), T(0));
-  Vec<T> ones[G];
   Strided<T> logits[G], dp[G];
   for (int g = 0; g < G; ++g) {
-    ones[g] = splat(T(1));
     logits[g] = {ws.logits.data() + g * k * L, L};
     dp[g] = {ws.dp.data() + g * k * L, L};
   }
@@ -190,11 +188,15 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
     const auto ds_rows = [&](int g, int o) { return ws.ds_rows.data() + (static_cast<int64_t>(i0 + g - row0) * k + o) * wp; };
     const auto ds_cols = [&](int g, int c) { return ws.ds_cols.data() + (static_cast<int64_t>(i0 + g - row0) * k + c) * wp; };
     const auto dq_row = [&](int g) { return ws.dq.data() + static_cast<int64_t>(i0 + g - row0) * D * wp; };
-    for (int g = 0; g < rows; ++g) {
-      for (int x0 = 0; x0 < wp; x0 += L) {
-        block_terms(Strided<T>{row_terms(g, 0) + x0, wp}, Strided<T>{col_terms(g, 0) + x0, wp}, ws.q.at(i0 + g, 0, x0),
-                    cs, shape, shape.has_rel ? &ws.rel : nullptr, x0);
+    for (int x0 = 0; x0 < wp; x0 += L) {
+      Strided<T> block_rows[G], block_cols[G];
+      Loads<T> queries[G];
+      for (int g = 0; g < rows; ++g) {
+        block_rows[g] = {row_terms(g, 0) + x0, wp};
+        block_cols[g] = {col_terms(g, 0) + x0, wp};
+        queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
       }
+      block_terms<T, G>(rows, block_rows, block_cols, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
     }
 
     const int a_end = window_end(i0 + rows - 1, r, H);
@@ -208,21 +210,20 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
         const T* value_row = ws.v.at(a, 0, -r);
         for (int x0 = 0; x0 < wp; x0 += L) {
           Loads<T> queries[G], grads[G], dscores[G];
-          Strided<T> dq[G];
+          Strided<T> dq[G], cols[G];
+          Vec<T> row_term[G];
           for (int g = first; g <= last; ++g) {
-            const Vec<T> row_term = load(row_terms(g, offset_index(i0 + g, a, r)) + x0);
-            for (int c = 0; c < k; ++c) {
-              logits[g].set(c, row_term + load(col_terms(g, c) + x0));
-              dp[g].set(c, Vec<T>{});
-            }
+            row_term[g] = load(row_terms(g, offset_index(i0 + g, a, r)) + x0);
+            cols[g] = {col_terms(g, 0) + x0, wp};
             queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
             grads[g] = {ws.grad_out.at(i0 + g, 0, x0), cs};
             dscores[g] = {ws.pair(ws.dscores, g, e) + r + x0, wsc};
             dq[g] = {dq_row(g) + x0, wp};
           }
           const int count = last - first + 1;
-          contract_rows<T, G>(count, logits + first, k, ones, queries + first, Shifted<T>{key_row + x0, cs}, D);
-          contract_rows<T, G>(count, dp + first, k, ones, grads + first, Shifted<T>{value_row + x0, cs}, D);
+          contract_rows<T, G>(count, logits + first, k, RowPlusColumns<T>{row_term + first, cols + first}, queries + first,
+                              Shifted<T>{key_row + x0, cs}, D);
+          contract_rows<T, G>(count, dp + first, k, Zero<T>{}, grads + first, Shifted<T>{value_row + x0, cs}, D);
           for (int g = first; g <= last; ++g) {
             const int64_t stat = static_cast<int64_t>(i0 + g - row0) * wp + x0;
             const Vec<T> lse_log2e = load(ws.lse.data() + stat) * static_cast<T>(kLog2e);
@@ -240,7 +241,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             }
             store(ds_rows(g, offset_index(i0 + g, a, r)) + x0, row_sum);
           }
-          contract_rows<T, G>(count, dq + first, D, ones, dscores + first, VectorAt<T>{key_row + x0, 1, cs}, k);
+          contract_rows<T, G>(count, dq + first, D, Accumulate<T>{dq + first}, dscores + first, VectorAt<T>{key_row + x0, 1, cs}, k);
         }
       }
       for (int g = 0; g < rows; ++g) {  // keys of rows a0 .. a0 + keys: offset c pairs key x with query x - c + r
@@ -257,17 +258,17 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             probs[e] = {ws.pair(ws.probs, g, e) + 2 * r + x0, wsc - 1};
           }
           const int count = last - first + 1;
-          contract_rows<T, G>(count, dk + first, D, ones, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
-          contract_rows<T, G>(count, dv + first, D, ones, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
+          contract_rows<T, G>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
+          contract_rows<T, G>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
         }
       }
     }
 
     for (int g = 0; g < rows && shape.has_rel; ++g) {
       for (int x0 = 0; x0 < wp; x0 += L) {  // dQ's relative part
-        contract(Strided<T>{dq_row(g) + x0, wp}, dr, ones[0], Loads<T>{ds_rows(g, 0) + x0, wp},
+        contract(Strided<T>{dq_row(g) + x0, wp}, dr, Loads<T>{ds_rows(g, 0) + x0, wp},
                  ScalarAt<T>{ws.rel.rows.data(), dr, 1}, k);
-        contract(Strided<T>{dq_row(g) + dr * wp + x0, wp}, dc, ones[0], Loads<T>{ds_cols(g, 0) + x0, wp},
+        contract(Strided<T>{dq_row(g) + dr * wp + x0, wp}, dc, Loads<T>{ds_cols(g, 0) + x0, wp},
                  ScalarAt<T>{ws.rel.cols.data(), dc, 1}, k);
       }
     }

@@ -1,17 +1,19 @@
 // The CPU kernel's one microkernel: for up to a few rows r of operands sharing one right-hand side,
-//     out_r[u] = alpha_r * out_r[u] + sum_j left_r(j) * right(j, u),
-// every term a vector of consecutive pixels. All the FMAs of the op are this contraction with different
-// operands (forward.h and backward.h say which): logits (j = channel, u = column offset, right = the
-// key row shifted by u columns), aggregation (j = column offset, u = channel, right = the value row
-// shifted by j), the factorized relative logits (right = a broadcast table entry). Several query rows
-// against the same key row share ``right``: each of its loads then feeds several FMAs, which is what
-// keeps this load-bound loop near the FMA rate (the shifted loads are unaligned).
+//     out_r[u] = init(r, u) + sum_j left_r(j) * right(j, u),
+// every term a vector of consecutive pixels; init is out_r[u] itself (Accumulate), alpha_r out_r[u]
+// (Rescale: the online softmax's running sums), 0 (Zero) or the relative logits (terms.h). All the
+// FMAs of the op are this contraction with different operands (forward.h and backward.h say which):
+// logits (j = channel, u = column offset, right = the key row shifted by u columns), aggregation (j =
+// column offset, u = channel, right = the value row shifted by j), the factorized relative logits
+// (right = a broadcast table entry). Several query rows against the same key row (or the same table)
+// share ``right``: each of its loads then feeds several FMAs, which is what keeps this load-bound loop
+// near the FMA rate (the shifted loads are unaligned).
 //
 // Outputs go in blocks that fill most of the registers with accumulators (12 of AVX2's 16 vector
 // registers; 16 of AVX-512's 32, which leaves general registers for the row pointers of the blocks of
-// up to four rows), the rest in one smaller block whose reduction is split into partial sums, so that at least 8 FMA
-// chains are in flight. Partial sums are added in a fixed order: the result depends on the shapes
-// only, never on the thread that runs it.
+// up to four rows), the rest in one smaller block whose reduction is split into partial sums, so that
+// at least 8 FMA chains are in flight. Partial sums are added in a fixed order: the result depends on
+// the shapes only, never on the thread that runs it.
 #pragma once
 
 #include "vec.h"
@@ -67,15 +69,35 @@ inline constexpr int kChains = 8;
 template <int ROWS>
 inline constexpr int kBlockOutputs = kAccumulators / ROWS;
 
+// The accumulators' first values (init(r, u) above), known at compile time: no multiply by 1, no zeros
+// stored and loaded again.
+template <typename T>
+struct Accumulate {
+  const Strided<T>* out;
+  Vec<T> operator()(int r, int u) const { return out[r].get(u); }
+};
+
+template <typename T>
+struct Rescale {
+  const Strided<T>* out;
+  const Vec<T>* alpha;
+  Vec<T> operator()(int r, int u) const { return alpha[r] * out[r].get(u); }
+};
+
+template <typename T>
+struct Zero {
+  Vec<T> operator()(int, int) const { return Vec<T>{}; }
+};
+
 // Outputs [u0, u0 + NOUT) of ROWS rows.
-template <typename T, int ROWS, int NOUT, class Right>
-inline __attribute__((always_inline)) void contract_block(const Strided<T>* out, const Vec<T>* alpha,
-                                                          const Loads<T>* left, const Right& right, int n, int u0) {
+template <typename T, int ROWS, int NOUT, class Init, class Right>
+inline __attribute__((always_inline)) void contract_block(const Strided<T>* out, const Init& init, const Loads<T>* left,
+                                                          const Right& right, int n, int u0) {
   constexpr int SPLIT = ROWS * NOUT >= kChains ? 1 : (kChains + ROWS * NOUT - 1) / (ROWS * NOUT);
   Vec<T> acc[SPLIT][ROWS][NOUT];
   for (int r = 0; r < ROWS; ++r) {
     for (int u = 0; u < NOUT; ++u) {
-      acc[0][r][u] = alpha[r] * out[r].get(u0 + u);
+      acc[0][r][u] = init(r, u0 + u);
       for (int s = 1; s < SPLIT; ++s) acc[s][r][u] = Vec<T>{};
     }
   }
@@ -111,41 +133,41 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
 }
 
 // The last ``m`` < kBlockOutputs<ROWS> outputs, from u0: one block of exactly m outputs.
-template <typename T, int ROWS, int NOUT, class Right>
-inline void contract_rest(const Strided<T>* out, const Vec<T>* alpha, const Loads<T>* left, const Right& right, int n,
+template <typename T, int ROWS, int NOUT, class Init, class Right>
+inline void contract_rest(const Strided<T>* out, const Init& init, const Loads<T>* left, const Right& right, int n,
                           int u0, int m) {
   if constexpr (NOUT > 0) {
     if (m == NOUT) {
-      contract_block<T, ROWS, NOUT>(out, alpha, left, right, n, u0);
+      contract_block<T, ROWS, NOUT>(out, init, left, right, n, u0);
     } else {
-      contract_rest<T, ROWS, NOUT - 1>(out, alpha, left, right, n, u0, m);
+      contract_rest<T, ROWS, NOUT - 1>(out, init, left, right, n, u0, m);
     }
   }
 }
 
-// out_r[u] = alpha_r * out_r[u] + sum_{j < n} left_r(j) * right(j, u) for u in [0, m), r < ROWS.
-template <typename T, int ROWS, class Right>
-inline void contract(const Strided<T>* out, int m, const Vec<T>* alpha, const Loads<T>* left, const Right& right, int n) {
+// out_r[u] = init(r, u) + sum_{j < n} left_r(j) * right(j, u) for u in [0, m), r < ROWS.
+template <typename T, int ROWS, class Init, class Right>
+inline void contract(const Strided<T>* out, int m, const Init& init, const Loads<T>* left, const Right& right, int n) {
   constexpr int B = kBlockOutputs<ROWS>;
   int u = 0;
-  for (; u + B <= m; u += B) contract_block<T, ROWS, B>(out, alpha, left, right, n, u);
-  contract_rest<T, ROWS, B - 1>(out, alpha, left, right, n, u, m - u);
+  for (; u + B <= m; u += B) contract_block<T, ROWS, B>(out, init, left, right, n, u);
+  contract_rest<T, ROWS, B - 1>(out, init, left, right, n, u, m - u);
 }
 
 // ``rows`` (1 .. MAXROWS, known at run time) rows of operands.
-template <typename T, int MAXROWS, class Right>
-inline void contract_rows(int rows, const Strided<T>* out, int m, const Vec<T>* alpha, const Loads<T>* left,
+template <typename T, int MAXROWS, class Init, class Right>
+inline void contract_rows(int rows, const Strided<T>* out, int m, const Init& init, const Loads<T>* left,
                           const Right& right, int n) {
   if constexpr (MAXROWS > 1) {
-    if (rows < MAXROWS) return contract_rows<T, MAXROWS - 1>(rows, out, m, alpha, left, right, n);
+    if (rows < MAXROWS) return contract_rows<T, MAXROWS - 1>(rows, out, m, init, left, right, n);
   }
-  contract<T, MAXROWS>(out, m, alpha, left, right, n);
+  contract<T, MAXROWS>(out, m, init, left, right, n);
 }
 
-// One row of operands (the relative terms).
+// One row of operands accumulated onto ``out`` (the relative part of dQ).
 template <typename T, class Right>
-inline void contract(Strided<T> out, int m, Vec<T> alpha, Loads<T> left, const Right& right, int n) {
-  contract<T, 1>(&out, m, &alpha, &left, right, n);
+inline void contract(Strided<T> out, int m, Loads<T> left, const Right& right, int n) {
+  contract<T, 1>(&out, m, Accumulate<T>{&out}, &left, right, n);
 }
 
 }  // namespace sasa::cpu

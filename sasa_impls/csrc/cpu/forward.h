@@ -89,34 +89,30 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
   constexpr int L = kLanes<T>, G = kGroupRows;
   const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height, wp = ws.wp;
   const int64_t cs = ws.q.channel_stride();  // the same for q, k and v
-  Vec<T> ones[G];
-  Strided<T> logits[G], acc[G];
+  Strided<T> logits[G], acc[G], row_terms[G], col_terms[G];
   Loads<T> queries[G], probs[G];
   for (int g = 0; g < G; ++g) {
-    ones[g] = splat(T(1));
     logits[g] = {ws.logits.data() + g * k * L, L};
     probs[g] = {logits[g].base, L};
+    row_terms[g] = {ws.row_terms.data() + g * k * L, L};
+    col_terms[g] = {ws.col_terms.data() + g * k * L, L};
   }
   for (int x0 = 0; x0 < wp; x0 += L) {
-    Vec<T> m[G], l[G], alpha[G];
+    Vec<T> m[G], l[G], alpha[G], row_term[G];
     for (int g = 0; g < rows; ++g) {
       queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
       acc[g] = {ws.y.data() + static_cast<int64_t>(g) * D * wp + x0, wp};
-      block_terms(Strided<T>{ws.row_terms.data() + g * k * L, L}, Strided<T>{ws.col_terms.data() + g * k * L, L},
-                  queries[g].base, cs, shape, shape.has_rel ? &ws.rel : nullptr, x0);
       m[g] = splat(static_cast<T>(kMaskedLogit));
       l[g] = Vec<T>{};
       for (int d = 0; d < D; ++d) acc[g].set(d, Vec<T>{});
     }
+    block_terms<T, G>(rows, row_terms, col_terms, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
     for (int a = window_begin(i0, r); a < window_end(i0 + rows - 1, r, H); ++a) {
       int first, last;  // the group's rows whose windows hold key row a
       rows_within(a, i0, rows, r, first, last);
-      for (int g = first; g <= last; ++g) {
-        const Vec<T> row_term = ws.row_terms[g * k + offset_index(i0 + g, a, r)];
-        for (int c = 0; c < k; ++c) logits[g].set(c, row_term + ws.col_terms[g * k + c]);
-      }
-      contract_rows<T, G>(last - first + 1, logits + first, k, ones, queries + first,
-                          Shifted<T>{ws.k.at(a, 0, x0 - r), cs}, D);
+      for (int g = first; g <= last; ++g) row_term[g] = row_terms[g].get(offset_index(i0 + g, a, r));
+      contract_rows<T, G>(last - first + 1, logits + first, k, RowPlusColumns<T>{row_term + first, col_terms + first},
+                          queries + first, Shifted<T>{ws.k.at(a, 0, x0 - r), cs}, D);
       for (int g = first; g <= last; ++g) {
         const Vec<T> m_new = vmax(m[g], row_max(logits[g], k));
         const Vec<T> m_log2e = m_new * static_cast<T>(kLog2e);
@@ -130,11 +126,11 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
         l[g] = l[g] * alpha[g] + sum;
         m[g] = m_new;
       }
-      contract_rows<T, G>(last - first + 1, acc + first, D, alpha + first, probs + first,
+      contract_rows<T, G>(last - first + 1, acc + first, D, Rescale<T>{acc + first, alpha + first}, probs + first,
                           VectorAt<T>{ws.v.at(a, 0, x0 - r), 1, cs}, k);
     }
     for (int g = 0; g < rows; ++g) {
-      const Vec<T> inv = ones[g] / l[g];
+      const Vec<T> inv = splat(T(1)) / l[g];
       for (int d = 0; d < D; ++d) acc[g].set(d, acc[g].get(d) * inv);
       store(ws.lse.data() + static_cast<int64_t>(g) * wp + x0, m[g] + vlog(l[g]));
     }

@@ -1,4 +1,4 @@
-// Per query block: the factorized relative logits and the column border mask.
+// Per group of query blocks: the factorized relative logits and the column border mask.
 //
 // Relative logits are factorized (the design's FLOP accounting): q[:Dr] . rel_row[o] once per row offset
 // and q[Dr:] . rel_col[c] once per column offset, k D MACs per query instead of k^2 D; a window
@@ -28,30 +28,48 @@ struct RelTables {
   }
 };
 
-// Row terms (k vectors) and masked column terms (k vectors) of the query block at columns x0 ..
-// x0 + lanes of a packed query row (channel d at q + d * q_stride). Without relative logits the terms
-// are 0 (and the mask).
+// The logits' first values against one window row (contract.h's init): the row term of the window row
+// plus each column offset's masked term, per query row r.
 template <typename T>
-void block_terms(Strided<T> row_terms, Strided<T> col_terms, const T* q, int64_t q_stride, const Shape& shape,
-                 const RelTables<T>* rel, int x0) {
+struct RowPlusColumns {
+  const Vec<T>* row;
+  const Strided<T>* cols;
+  Vec<T> operator()(int r, int u) const { return row[r] + cols[r].get(u); }
+};
+
+// Row terms (k vectors) and masked column terms (k vectors) of ``rows`` query blocks at columns x0 ..
+// x0 + lanes of packed query rows (block g's channel d at queries[g](d)), rows <= MAXROWS: one
+// contraction for all rows, so each load of a table entry feeds every row. Without relative logits the
+// terms are 0 (and the mask, the same for every row: it depends on the columns only).
+template <typename T, int MAXROWS>
+void block_terms(int rows, const Strided<T>* row_terms, const Strided<T>* col_terms, const Loads<T>* queries,
+                 const Shape& shape, const RelTables<T>* rel, int x0) {
   const int k = shape.kernel_size, r = shape.radius(), dr = shape.row_channels(), dc = shape.col_channels();
-  for (int o = 0; o < k; ++o) {
-    row_terms.set(o, Vec<T>{});
-    col_terms.set(o, Vec<T>{});
-  }
   if (rel != nullptr) {
-    const Vec<T> one = splat(T(1));
-    contract(row_terms, k, one, Loads<T>{q, q_stride}, ScalarAt<T>{rel->rows.data(), 1, dr}, dr);
-    contract(col_terms, k, one, Loads<T>{q + dr * q_stride, q_stride}, ScalarAt<T>{rel->cols.data(), 1, dc}, dc);
+    Loads<T> col_queries[MAXROWS];
+    for (int g = 0; g < rows; ++g) col_queries[g] = {queries[g].base + dr * queries[g].stride, queries[g].stride};
+    contract_rows<T, MAXROWS>(rows, row_terms, k, Zero<T>{}, queries, ScalarAt<T>{rel->rows.data(), 1, dr}, dr);
+    contract_rows<T, MAXROWS>(rows, col_terms, k, Zero<T>{}, col_queries, ScalarAt<T>{rel->cols.data(), 1, dc}, dc);
+  } else {
+    for (int g = 0; g < rows; ++g) {
+      for (int o = 0; o < k; ++o) {
+        row_terms[g].set(o, Vec<T>{});
+        col_terms[g].set(o, Vec<T>{});
+      }
+    }
   }
   constexpr int L = kLanes<T>;
   if (x0 >= r && x0 + L - 1 + r < shape.width) return;  // every key column of the block is inside
   for (int c = 0; c < k; ++c) {
-    Vec<T> terms = col_terms.get(c);
-    for (int lane = 0; lane < L; ++lane) {
-      if (!inside(key_at(x0 + lane, c, r), shape.width)) terms[lane] = static_cast<T>(kMaskedLogit);
+    Vec<T> outside{};  // -1 on the lanes whose key column lies outside the image
+    for (int lane = 0; lane < L; ++lane) outside[lane] = inside(key_at(x0 + lane, c, r), shape.width) ? T(0) : T(1);
+    for (int g = 0; g < rows; ++g) {
+      Vec<T> terms = col_terms[g].get(c);
+      for (int lane = 0; lane < L; ++lane) {
+        if (outside[lane] != T(0)) terms[lane] = static_cast<T>(kMaskedLogit);
+      }
+      col_terms[g].set(c, terms);
     }
-    col_terms.set(c, terms);
   }
 }
 
