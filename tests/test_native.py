@@ -163,6 +163,20 @@ def test_low_precision_keeps_dtype_and_accumulates_in_fp32(dtype):
     assert_close_to_float64(random_inputs(2, 2, 9, 18, 16, 5, True, dtype=dtype, requires_grad=True), 5, 0.5)
 
 
+def rising_key_inputs(dtype):
+    """Random inputs whose key rows grow down the image (row a times 1 + a): the window's logits rise row by
+    row by more than the forward's rescale margin (csrc/cpu/forward.h, kRescaleMargin = 8 in base 2), so
+    the online softmax moves its running max and rescales its sums again and again."""
+    q, k, v, rel_row, rel_col = random_inputs(1, 2, 12, 21, 8, 7, True)
+    k = k * (1 + torch.arange(12.0, dtype=k.dtype)).view(1, 1, 12, 1, 1)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, rel_row, rel_col)]
+
+
+def test_logits_rising_down_the_window_are_rescaled():
+    assert_matches_reference(rising_key_inputs(torch.float64), 7, 1.0)
+    assert_close_to_float64(rising_key_inputs(torch.float32), 7, 1.0)
+
+
 @pytest.mark.skipif("avx2" not in _native_build.cpu_flags().split(), reason="the CPU has no AVX2")
 def test_avx2_build_matches_reference():
     """The AVX2 code path (8 fp32 / 4 fp64 lanes, AVX2's masked stores, the exp by exponent bits), built with

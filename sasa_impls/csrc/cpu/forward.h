@@ -66,6 +66,13 @@ struct ForwardWorkspace {
         lse(static_cast<size_t>(kGroupRows) * wp) {}
 };
 
+// The online softmax moves its running max m only when a key row's max exceeds it by more than this
+// (base 2) on some lane: between moves, probabilities are up to 2^kRescaleMargin instead of 1 (the sums
+// stay far from fp32's range), and the key row needs neither the rescaling exp nor the multiply of the
+// accumulators (FlashAttention-4's conditional rescaling). A row's first key row sets m (its max is a real
+// logit: every window row holds the query's own column).
+inline constexpr double kRescaleMargin = 8;
+
 // The lane-wise max of vectors 0 .. n - 1 (n >= 1) in four independent chains: one chain of n dependent
 // vmax would cost n times their latency per key row, which nothing else overlaps (the exps wait for it).
 template <typename T>
@@ -98,11 +105,11 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
     col_terms[g] = {ws.col_terms.data() + g * k * L, L};
   }
   for (int x0 = 0; x0 < wp; x0 += L) {
-    Vec<T> m[G], l[G], alpha[G], row_term[G];
+    Vec<T> m_log2e[G], l[G], alpha[G], row_term[G];  // m_log2e: the running max (base 2), l: the sum
+    bool started[G] = {};  // whether row g has met a key row
     for (int g = 0; g < rows; ++g) {
       queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
       acc[g] = {ws.y.data() + static_cast<int64_t>(g) * D * wp + x0, wp};
-      m[g] = splat(static_cast<T>(kMaskedLogit));
       l[g] = Vec<T>{};
       for (int d = 0; d < D; ++d) acc[g].set(d, Vec<T>{});
     }
@@ -113,26 +120,39 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
       for (int g = first; g <= last; ++g) row_term[g] = row_terms[g].get(offset_index(i0 + g, a, r));
       contract_rows<T, G>(last - first + 1, logits + first, k, RowPlusColumns<T>{row_term + first, col_terms + first},
                           queries + first, Shifted<T>{ws.k.at(a, 0, x0 - r), cs}, D);
+      bool rescaled = false;
       for (int g = first; g <= last; ++g) {
-        const Vec<T> m_new = vmax(m[g], row_max(logits[g], k));
-        const Vec<T> m_log2e = m_new * static_cast<T>(kLog2e);
-        alpha[g] = vexp_sub(m[g], m_log2e);
+        const Vec<T> row_max_log2e = row_max(logits[g], k) * static_cast<T>(kLog2e);
+        alpha[g] = splat(T(1));
+        if (!started[g]) {  // row g's first key row: nothing to rescale yet
+          m_log2e[g] = row_max_log2e;
+          started[g] = true;
+        } else if (any_greater(row_max_log2e, m_log2e[g] + static_cast<T>(kRescaleMargin))) {
+          const Vec<T> m_new = vmax(m_log2e[g], row_max_log2e);
+          alpha[g] = vexp2(m_log2e[g] - m_new);
+          l[g] *= alpha[g];
+          m_log2e[g] = m_new;
+          rescaled = true;
+        }
         Vec<T> sum = Vec<T>{};
         for (int c = 0; c < k; ++c) {
-          const Vec<T> p = vexp_sub(logits[g].get(c), m_log2e);
+          const Vec<T> p = vexp_sub(logits[g].get(c), m_log2e[g]);
           logits[g].set(c, p);
           sum += p;
         }
-        l[g] = l[g] * alpha[g] + sum;
-        m[g] = m_new;
+        l[g] += sum;
       }
-      contract_rows<T, G>(last - first + 1, acc + first, D, Rescale<T>{acc + first, alpha + first}, probs + first,
-                          VectorAt<T>{ws.v.at(a, 0, x0 - r), 1, cs}, k);
+      const VectorAt<T> values{ws.v.at(a, 0, x0 - r), 1, cs};
+      if (rescaled) {
+        contract_rows<T, G>(last - first + 1, acc + first, D, Rescale<T>{acc + first, alpha + first}, probs + first, values, k);
+      } else {
+        contract_rows<T, G>(last - first + 1, acc + first, D, Accumulate<T>{acc + first}, probs + first, values, k);
+      }
     }
     for (int g = 0; g < rows; ++g) {
       const Vec<T> inv = splat(T(1)) / l[g];
       for (int d = 0; d < D; ++d) acc[g].set(d, acc[g].get(d) * inv);
-      store(ws.lse.data() + static_cast<int64_t>(g) * wp + x0, m[g] + vlog(l[g]));
+      store(ws.lse.data() + static_cast<int64_t>(g) * wp + x0, m_log2e[g] * static_cast<T>(1 / kLog2e) + vlog(l[g]));
     }
   }
 }

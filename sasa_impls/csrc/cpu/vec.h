@@ -91,6 +91,24 @@ inline V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
+// Whether a > b on some lane (one compare and a mask test where the ISA has them).
+template <typename V>
+inline bool any_greater(V a, V b) {
+  constexpr bool single = sizeof(a[0]) == 4;
+#if defined(__AVX512F__)
+  if constexpr (single) return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), _CMP_GT_OQ);
+  else return _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b), _CMP_GT_OQ);
+#elif defined(__AVX2__)
+  if constexpr (single) return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), _CMP_GT_OQ));
+  else return _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<__m256d>(a), reinterpret_cast<__m256d>(b), _CMP_GT_OQ));
+#else
+  for (size_t i = 0; i < sizeof(V) / sizeof(a[0]); ++i) {
+    if (a[i] > b[i]) return true;
+  }
+  return false;
+#endif
+}
+
 template <typename V>
 inline auto hsum(V v) {
   auto total = v[0];
