@@ -39,9 +39,12 @@ using Vec = typename VecTraits<T>::type;
 template <typename T>
 inline constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(T));
 
+// x on every lane: one broadcast, from memory where x comes from there. (x - 0 is x for every x; 0 + x is
+// not for x = -0, so ``Vec<T>{} + x`` compiled to a scalar add and a broadcast from a register, a shuffle
+// that takes an FMA port on Intel cores.)
 template <typename T>
 inline Vec<T> splat(T x) {
-  return Vec<T>{} + x;
+  return x - Vec<T>{};
 }
 
 // Unaligned load/store (memcpy compiles to one vmovups).
