@@ -69,10 +69,36 @@ class Settings:
 
 
 @functools.cache
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The multiprocessing context workers start in: a forkserver that has imported bench.worker once."""
+def _forkserver() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["bench.worker", "fvcore.nn"])
+    return context
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context workers start in: a forkserver that has imported bench.worker once,
+    started now if it is not running.
+
+    The server imports the checkout this process imported, whatever the current directory: it starts with
+    PYTHONSAFEPATH (no current directory on its sys.path) and PYTHONPATH led by that checkout. Python's
+    forkserver ignores its parent's sys.path, so ``sasa-bench`` started in another checkout's folder (a git
+    worktree of an older commit) timed that folder's code in its workers while its rows named this
+    checkout's commit."""
+    from multiprocessing import forkserver
+
+    context = _forkserver()
+    checkout = str(Path(sasa_impls.__file__).resolve().parent.parent)
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    paths = [checkout, *(p for p in (saved["PYTHONPATH"] or "").split(os.pathsep) if p and p != checkout)]
+    os.environ.update(PYTHONPATH=os.pathsep.join(paths), PYTHONSAFEPATH="1")
+    try:
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return context
 
 

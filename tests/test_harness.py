@@ -233,3 +233,28 @@ def test_environment_and_machine_id():
     env = environment()
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["cpu"]
     assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", machine_id())
+
+
+def test_workers_import_this_checkout_whatever_the_current_directory(tmp_path, monkeypatch):
+    """A folder holding other copies of the packages (another checkout, a git worktree of an older commit) is
+    the current directory: the workers still import the code this process imported, whose commit rows name."""
+    from pathlib import Path
+
+    import bench
+    from bench import runner
+
+    for package in ("bench", "sasa_impls"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("DECOY = True  # importable: a failed import would hide the bug\n")
+    monkeypatch.chdir(tmp_path)
+    runner.stop_workers()  # the next worker starts a new forkserver, here
+    try:
+        with runner.bare_main():
+            pool = runner.worker_context().Pool(1)
+            try:
+                imported = pool.apply(eval, ("[__import__(p).__file__ for p in ('bench', 'sasa_impls')]",))
+            finally:
+                pool.terminate()
+    finally:
+        runner.stop_workers()
+    assert [Path(p).resolve() for p in imported] == [Path(bench.__file__).resolve(), Path(sasa_impls.__file__).resolve()]
