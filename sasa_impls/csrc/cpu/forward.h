@@ -106,7 +106,6 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
   }
   for (int x0 = 0; x0 < wp; x0 += L) {
     Vec<T> m_log2e[G], l[G], alpha[G], row_term[G];  // m_log2e: the running max (base 2), l: the sum
-    bool started[G] = {};  // whether row g has met a key row
     for (int g = 0; g < rows; ++g) {
       queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
       acc[g] = {ws.y.data() + static_cast<int64_t>(g) * D * wp + x0, wp};
@@ -124,9 +123,8 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
       for (int g = first; g <= last; ++g) {
         const Vec<T> row_max_log2e = row_max(logits[g], k) * static_cast<T>(kLog2e);
         alpha[g] = splat(T(1));
-        if (!started[g]) {  // row g's first key row: nothing to rescale yet
+        if (a == window_begin(i0 + g, r)) {  // row g's first key row: nothing to rescale yet
           m_log2e[g] = row_max_log2e;
-          started[g] = true;
         } else if (any_greater(row_max_log2e, m_log2e[g] + static_cast<T>(kRescaleMargin))) {
           const Vec<T> m_new = vmax(m_log2e[g], row_max_log2e);
           alpha[g] = vexp2(m_log2e[g] - m_new);

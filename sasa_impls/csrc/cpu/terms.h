@@ -61,12 +61,10 @@ void block_terms(int rows, const Strided<T>* row_terms, const Strided<T>* col_te
   constexpr int L = kLanes<T>;
   if (x0 >= r && x0 + L - 1 + r < shape.width) return;  // every key column of the block is inside
   for (int c = 0; c < k; ++c) {
-    Vec<T> outside{};  // -1 on the lanes whose key column lies outside the image
-    for (int lane = 0; lane < L; ++lane) outside[lane] = inside(key_at(x0 + lane, c, r), shape.width) ? T(0) : T(1);
     for (int g = 0; g < rows; ++g) {
       Vec<T> terms = col_terms[g].get(c);
       for (int lane = 0; lane < L; ++lane) {
-        if (outside[lane] != T(0)) terms[lane] = static_cast<T>(kMaskedLogit);
+        if (!inside(key_at(x0 + lane, c, r), shape.width)) terms[lane] = static_cast<T>(kMaskedLogit);
       }
       col_terms[g].set(c, terms);
     }
