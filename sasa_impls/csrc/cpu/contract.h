@@ -63,6 +63,7 @@ struct ScalarAt {
   Vec<T> operator()(int j, int u) const { return splat(base[j * j_stride + u * u_stride]); }
 };
 
+inline constexpr int kRegisters = kVectorBytes == 64 ? 32 : 16;  // vector registers of the ISA
 inline constexpr int kAccumulators = kVectorBytes == 64 ? 16 : 12;
 inline constexpr int kChains = 8;
 
@@ -94,6 +95,11 @@ template <typename T, int ROWS, int NOUT, class Init, class Right>
 inline __attribute__((always_inline)) void contract_block(const Strided<T>* out, const Init& init, const Loads<T>* left,
                                                           const Right& right, int n, int u0) {
   constexpr int SPLIT = ROWS * NOUT >= kChains ? 1 : (kChains + ROWS * NOUT - 1) / (ROWS * NOUT);
+  // Each left vector in a register, loaded once per j, where the registers hold it with the block's
+  // accumulators and the right vector (GCC would otherwise fold its load into each of the NOUT FMAs
+  // that read it: 20 loads per 16 FMAs instead of 8 at 4 rows x 4 outputs, measured 38% of the FMA-only
+  // rate instead of 73% on a Zen 4, whose cores load one 64-byte vector per cycle).
+  constexpr bool kLeftInRegisters = ROWS > 1 && NOUT > 1 && ROWS * NOUT * SPLIT + ROWS + 1 <= kRegisters;
   Vec<T> acc[SPLIT][ROWS][NOUT];
   for (int r = 0; r < ROWS; ++r) {
     for (int u = 0; u < NOUT; ++u) {
@@ -106,7 +112,10 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
 #pragma GCC unroll 8
     for (int s = 0; s < SPLIT; ++s) {
       Vec<T> l[ROWS];
-      for (int r = 0; r < ROWS; ++r) l[r] = left[r](j + s);
+      for (int r = 0; r < ROWS; ++r) {
+        l[r] = left[r](j + s);
+        if constexpr (kLeftInRegisters) asm("" : "+v"(l[r]));
+      }
 #pragma GCC unroll 24
       for (int u = 0; u < NOUT; ++u) {
         Vec<T> x = right(j + s, u0 + u);
