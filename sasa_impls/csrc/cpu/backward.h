@@ -50,22 +50,29 @@ inline int64_t halo_row_size(const Shape& s) {
   return 2 * static_cast<int64_t>(s.channels) * padded_width<T>(s.width);
 }
 
+// The p / dS scratch rows: query column 0 at ``margin`` (r rounded up to whole vectors: the stores of the
+// exp loop and the loads of dQ's contraction are aligned; at r = 9 every one straddled two cache lines), r
+// or more zero columns after the padded width, rows of whole vectors.
+template <typename T>
+inline int scratch_margin(const Shape& s) { return padded_width<T>(s.radius()); }
+
 template <typename T>
 struct BackwardWorkspace {
-  int wp, ws;          // padded width; width of the p / dS scratch rows (r zero columns either side)
+  int wp, margin, ws;  // padded width; query column 0 of a scratch row; width of a scratch row
   int64_t pair_size;   // k * ws: p or dS of one (query row, key row) pair
   PackedRows<T> q, grad_out, k, v;
   RelTables<T> rel;
   std::vector<T> lse, delta;              // [band rows][wp]
   std::vector<T> row_terms, col_terms;    // [G][k][wp]: the relative terms of the group's query rows
-  std::vector<T> probs, dscores;          // [G][G][k][ws]: p and dS of (query row g, key row a0 + e)
+  VecBuffer<T> probs, dscores;            // [G][G][k][ws]: p and dS of (query row g, key row a0 + e)
   std::vector<T> ds_rows, ds_cols;        // [band rows][k][wp]: sums of dS per row / column offset
   std::vector<T> dq;                      // [band rows][D][wp]: dQ / scale
   VecBuffer<T> logits, dp;                // G k vectors each
 
   BackwardWorkspace(const Shape& s, int band)
       : wp(padded_width<T>(s.width)),
-        ws(wp + 2 * s.radius()),
+        margin(scratch_margin<T>(s)),
+        ws(padded_width<T>(margin + wp + s.radius())),
         pair_size(static_cast<int64_t>(s.kernel_size) * ws),
         q(band, s.channels, s.width, s.radius()),
         grad_out(band, s.channels, s.width, s.radius()),
@@ -75,16 +82,16 @@ struct BackwardWorkspace {
         delta(static_cast<size_t>(band) * wp),
         row_terms(static_cast<size_t>(kBackwardGroupRows) * s.kernel_size * wp),
         col_terms(static_cast<size_t>(kBackwardGroupRows) * s.kernel_size * wp),
-        probs(kBackwardGroupRows * kBackwardGroupRows * pair_size, T(0)),
-        dscores(kBackwardGroupRows * kBackwardGroupRows * pair_size, T(0)),
+        probs(kBackwardGroupRows * kBackwardGroupRows * pair_size / kLanes<T>),
+        dscores(kBackwardGroupRows * kBackwardGroupRows * pair_size / kLanes<T>),
         ds_rows(static_cast<size_t>(band) * s.kernel_size * wp),
         ds_cols(static_cast<size_t>(band) * s.kernel_size * wp),
         dq(static_cast<size_t>(band) * s.channels * wp),
         logits(kBackwardGroupRows * s.kernel_size),
         dp(kBackwardGroupRows * s.kernel_size) {}
 
-  // p or dS of (query row g, key row a0 + e) of the current groups, at query column -r
-  T* pair(std::vector<T>& scratch, int g, int e) { return scratch.data() + (g * kBackwardGroupRows + e) * pair_size; }
+  // p or dS of (query row g, key row a0 + e) of the current groups, at query column -margin
+  T* pair(VecBuffer<T>& scratch, int g, int e) { return scratch.data() + (g * kBackwardGroupRows + e) * pair_size; }
 };
 
 // lse and delta = dO . O of the band's query rows; padding lanes get lse = +1e30, which makes their
@@ -168,7 +175,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
   constexpr int L = kLanes<T>, G = kBackwardGroupRows;
   const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height;
   const int dr = shape.row_channels(), dc = shape.col_channels();
-  const int wp = ws.wp, wsc = ws.ws;
+  const int wp = ws.wp, wsc = ws.ws, margin = ws.margin;
   const int64_t cs = ws.q.channel_stride();
   const int64_t row_size = halo_row_size<T>(shape);
   std::fill(halo, halo + (window_end(row1 - 1, r, H) - hb) * row_size, T(0));
@@ -217,7 +224,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             cols[g] = {col_terms(g, 0) + x0, wp};
             queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
             grads[g] = {ws.grad_out.at(i0 + g, 0, x0), cs};
-            dscores[g] = {ws.pair(ws.dscores, g, e) + r + x0, wsc};
+            dscores[g] = {ws.pair(ws.dscores, g, e) + margin + x0, wsc};
             dq[g] = {dq_row(g) + x0, wp};
           }
           const int count = last - first + 1;
@@ -228,8 +235,9 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             const int64_t stat = static_cast<int64_t>(i0 + g - row0) * wp + x0;
             const Vec<T> lse_log2e = load(ws.lse.data() + stat) * static_cast<T>(kLog2e);
             const Vec<T> delta = load(ws.delta.data() + stat);
-            T* probs = ws.pair(ws.probs, g, e) + r + x0;
-            T* scores = ws.pair(ws.dscores, g, e) + r + x0;
+            T* probs = ws.pair(ws.probs, g, e) + margin + x0;
+            T* scores = ws.pair(ws.dscores, g, e) + margin + x0;
+            T* col_sums = ds_cols(g, 0) + x0;
             Vec<T> row_sum = Vec<T>{};
             for (int c = 0; c < k; ++c) {
               const Vec<T> p = vexp_sub(logits[g].get(c), lse_log2e);
@@ -237,7 +245,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
               store(probs + c * wsc, p);
               store(scores + c * wsc, ds);
               row_sum += ds;
-              store(ds_cols(g, c) + x0, load(ds_cols(g, c) + x0) + ds);
+              store(col_sums + c * wp, load(col_sums + c * wp) + ds);
             }
             store(ds_rows(g, offset_index(i0 + g, a, r)) + x0, row_sum);
           }
@@ -254,8 +262,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           for (int e = first; e <= last; ++e) {
             dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
             dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
-            dscores[e] = {ws.pair(ws.dscores, g, e) + 2 * r + x0, wsc - 1};
-            probs[e] = {ws.pair(ws.probs, g, e) + 2 * r + x0, wsc - 1};
+            dscores[e] = {ws.pair(ws.dscores, g, e) + margin + r + x0, wsc - 1};
+            probs[e] = {ws.pair(ws.probs, g, e) + margin + r + x0, wsc - 1};
           }
           const int count = last - first + 1;
           contract_rows<T, G>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
