@@ -108,6 +108,9 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
     }
   }
   int j = 0;
+  // Unrolled: one pointer increment per operand and iteration took issue slots from the FMAs (Xeon f6m167,
+  // 4 rows x 4 outputs, n = 64: 54% of the FMA-only rate rolled, 65% unrolled).
+#pragma GCC unroll 4
   for (; j + SPLIT <= n; j += SPLIT) {
 #pragma GCC unroll 8
     for (int s = 0; s < SPLIT; ++s) {
@@ -132,11 +135,13 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
       for (int r = 0; r < ROWS; ++r) acc[0][r][u] += l[r] * x;
     }
   }
+  Strided<T> dst[ROWS];  // copies: the stores (memcpy) may alias ``out``, which GCC reloaded before each one
+  for (int r = 0; r < ROWS; ++r) dst[r] = out[r];
   for (int r = 0; r < ROWS; ++r) {
     for (int u = 0; u < NOUT; ++u) {
       Vec<T> total = acc[0][r][u];
       for (int s = 1; s < SPLIT; ++s) total += acc[s][r][u];
-      out[r].set(u0 + u, total);
+      dst[r].set(u0 + u, total);
     }
   }
 }
