@@ -107,11 +107,13 @@ def stacked_weight(convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     counter): the copy took 40 us of a 2 ms k = 19 layer at 28x28."""
     weights = [conv.weight for conv in convs]
     if records_autograd(*weights):
-        return torch.cat([w[:, :, 0, 0] for w in weights])  # in the graph: the gradient flows to each conv
+        # in the graph: the gradient flows to each conv through a view (indexing [:, :, 0, 0] took two
+        # select_backward copies per weight: 1.7% of a k = 19 layer's fwd+bwd at 28x28)
+        return torch.cat([w.flatten(1) for w in weights])
     key = tuple((w.data_ptr(), w._version, w.dtype, w.device, w.shape) for w in weights)
     cached = _STACKED.get(convs[0])
     if cached is None or cached[0] != key:
-        cached = key, torch.cat([w.detach()[:, :, 0, 0] for w in weights])
+        cached = key, torch.cat([w.detach().flatten(1) for w in weights])
         _STACKED[convs[0]] = cached
     return cached[1]
 
