@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import records_autograd
-from .functional import check_kernel_size, local_attention, rel_shapes
+from .functional import check_kernel_size, local_attention_checked_once, rel_shapes
 from .regions import stage
 from .registry import get_impl
 
@@ -186,8 +186,8 @@ class SASA2d(nn.Module):
         rel_row, rel_col = (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
         with stage("layout"):
             q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
-        out = local_attention(q, k, v, rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
-                              options=self.options)
+        out = local_attention_checked_once(q, k, v, rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
+                                           options=self.options)
         with stage("layout"):
             return _merge_heads(out)
 
