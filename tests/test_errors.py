@@ -189,6 +189,8 @@ def test_a_nan_in_v_reaches_only_the_windows_that_hold_it(impl):
         pytest.skip(why)
     q, k, v, rel_row, rel_col = random_inputs(2, 2, 9, 11, 8, 5, True, dtype=torch.float64)
     row, col = int(torch.randint(0, 9, ())), int(torch.randint(0, 11, ()))
+    if impl == "memory_blocks":  # its known spread, at a pixel where it shows (at 4 of the 99 the block halo is the
+        row, col = 4, 5          # window, and the strict xfail would pass by the draw: it did once in CI)
     v[1, 1, row, col, 3] = float("nan")
     out = call(q, k, v, rel_row, rel_col, 5, impl=impl)
     rows, cols = torch.arange(9)[:, None], torch.arange(11)[None, :]
