@@ -89,12 +89,18 @@ def local_attention(
     e.g. ``{"block": 8}`` for memory_blocks, or the text "block=8"); not with ``impl="auto"``.
     Returns (B, heads, H, W, D) in the input dtype.
     """
+    chosen, parsed = _check_and_choose(q, k, v, rel_row, rel_col, kernel_size, impl, scale, options)
+    return chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale), **parsed)
+
+
+def _check_and_choose(q, k, v, rel_row, rel_col, kernel_size, impl, scale, options) -> tuple[registry.Impl, dict]:
+    """The arguments checked (errors naming them), then the implementation that computes them and its options."""
     check_inputs(q, k, v, rel_row, rel_col, kernel_size, scale)
     if options and impl == "auto":
         raise ValueError("options: implementation options need an explicit impl, not 'auto'")
     spec = registry.AttentionSpec.of(q, (q, k, v, rel_row, rel_col), kernel_size, rel_row is not None)
     chosen = select_impl(impl, spec)
-    return chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale), **chosen.parse_options(options))
+    return chosen, chosen.parse_options(options)
 
 
 # What local_attention_checked_once has checked: key -> (the chosen implementation, its parsed options).
@@ -116,14 +122,10 @@ def local_attention_checked_once(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     tensors = (q, k, v, rel_row, rel_col)
     if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
         return local_attention(q, k, v, rel_row, rel_col, kernel_size, impl, scale, options)  # raises, naming it
-    key = (impl, repr(options), type(kernel_size), kernel_size, type(scale), scale,
-           records_autograd(*tensors),
+    key = (impl, repr(options), type(kernel_size), kernel_size, type(scale), scale, records_autograd(*tensors),
            *(_tensor_kind(t) for t in tensors))
-    checked = _CHECKED.get(key)
-    if checked is None:
-        out = local_attention(q, k, v, rel_row, rel_col, kernel_size, impl, scale, options)
-        chosen = select_impl(impl, registry.AttentionSpec.of(q, tensors, kernel_size, rel_row is not None))
-        _CHECKED[key] = chosen, chosen.parse_options(options)
-        return out
+    checked = _CHECKED.get(key) or _check_and_choose(q, k, v, rel_row, rel_col, kernel_size, impl, scale, options)
     chosen, parsed = checked
-    return chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale), **parsed)
+    out = chosen(q, k, v, rel_row, rel_col, kernel_size, float(scale), **parsed)
+    _CHECKED[key] = checked  # once the call has run: a kind whose call failed is checked and chosen again
+    return out
