@@ -1,16 +1,13 @@
 """Layers built on the op: SASA2d (the paper's attention layer) and AttentionStem (paper 3.2, block attention)."""
 from __future__ import annotations
 
-import time
-import weakref
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .common import records_autograd
 from .functional import check_kernel_size, local_attention_checked_once, rel_shapes
+from .projection import fused_projection
 from .regions import stage
 from .registry import get_impl
 
@@ -26,108 +23,6 @@ def _check_heads(in_channels: int, out_channels: int, heads: int) -> None:
 def _check_rank4(x: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"x: expected rank 4 (B, C, H, W), got shape {tuple(x.shape)}")
-
-
-# The fused projection: the 1x1 convs' weights stacked into one (sum of d_out, d_in) matrix, one product for
-# all of them. Two backends give the same (B, sum d_out, H, W) channel-major result: a 1x1 convolution
-# (oneDNN on CPUs) and a matrix product on the (B, d_in, H W) view (BLAS); which is faster depends on the
-# shape, the library and the machine (the issue measured either one 2-3x ahead of the other), so each
-# layer shape is timed once with both at first use and the winner cached per (shape, dtype, device).
-def _project_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, weight[:, :, None, None])
-
-
-def _project_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    batch, channels, height, width = x.shape
-    if batch == 1:  # one plain GEMM: torch.matmul would compute the transpose and copy it (a third more time)
-        return torch.mm(weight, x.reshape(channels, height * width)).view(1, -1, height, width)
-    return torch.matmul(weight, x.reshape(batch, channels, height * width)).view(batch, -1, height, width)
-
-
-PROJECTION_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "conv": _project_conv, "matmul": _project_matmul}
-_CHOSEN_BACKEND: dict[tuple, str] = {}
-
-
-def _time_backend(fn: Callable[[], object], device: torch.device) -> float:
-    """Median seconds of ``fn()`` over a few calls (after one warm-up)."""
-    times = []
-    for _ in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
-
-
-def _timed_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-                training: bool) -> Callable[[], object]:
-    """One call of the backend ``fn`` on the operands (detached): the forward, or with ``training`` the forward
-    and the backward of a random output gradient to the operands that require one."""
-    if not training:
-        def forward() -> object:
-            with torch.no_grad():
-                return fn(x.detach(), weight.detach())
-        return forward
-    xg, wg = x.detach().requires_grad_(x.requires_grad), weight.detach().requires_grad_(weight.requires_grad)
-    grad = torch.randn_like(fn(xg.detach(), wg.detach()))
-
-    def step() -> object:
-        with torch.enable_grad():
-            fn(xg, wg).backward(grad)
-        xg.grad = wg.grad = None
-    return step
-
-
-def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The faster of PROJECTION_BACKENDS for ``x`` times ``weight`` here, measured at first use per
-    (input shape, output channels, dtype, device, memory format, training) and cached. In training (autograd
-    recording) the forward and backward are timed together: at batch 8 the 1x1 conv had the faster forward
-    and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""
-    if x.device.type == "meta" or torch.jit.is_tracing():
-        return "conv"
-    training = records_autograd(x, weight)
-    key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training)
-    if key not in _CHOSEN_BACKEND:
-        candidates = PROJECTION_BACKENDS if x.is_contiguous() else {"conv": _project_conv}
-        seconds = {name: _time_backend(_timed_call(fn, x, weight, training), x.device) for name, fn in candidates.items()}
-        _CHOSEN_BACKEND[key] = min(seconds, key=seconds.get)
-    return _CHOSEN_BACKEND[key]
-
-
-_STACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-def stacked_weight(convs: Sequence[nn.Conv2d]) -> torch.Tensor:
-    """The 1x1 ``convs``' weights stacked, (sum d_out, d_in). Where autograd does not record (inference), the
-    stack is kept with the first conv and made again only when a weight changes (its storage or version
-    counter): the copy took 40 us of a 2 ms k = 19 layer at 28x28."""
-    weights = [conv.weight for conv in convs]
-    if records_autograd(*weights):
-        # in the graph: the gradient flows to each conv through a view (indexing [:, :, 0, 0] took two
-        # select_backward copies per weight: 1.7% of a k = 19 layer's fwd+bwd at 28x28)
-        return torch.cat([w.flatten(1) for w in weights])
-    key = tuple((w.data_ptr(), w._version, w.dtype, w.device, w.shape) for w in weights)
-    cached = _STACKED.get(convs[0])
-    if cached is None or cached[0] != key:
-        cached = key, torch.cat([w.detach().flatten(1) for w in weights])
-        _STACKED[convs[0]] = cached
-    return cached[1]
-
-
-def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Tensor]:
-    """The outputs of the bias-free 1x1 ``convs`` on ``x`` from one product (their weights stacked), by the
-    backend :func:`projection_backend` picks; each output a channel-major view of the product (no copy).
-    On meta tensors (shape probes: bench.model_costs counts the convs through their hooks) the convs
-    themselves run."""
-    if x.device.type == "meta":
-        return [conv(x) for conv in convs]
-    weight = stacked_weight(convs)
-    out = PROJECTION_BACKENDS[projection_backend(x, weight)](x, weight)
-    return list(out.split([conv.out_channels for conv in convs], dim=1))
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-// Torch binding of the fused CPU kernel (forward.h, backward.h): argument checks, output allocation,
+// Torch binding of the fused CPU kernel (forward.h, backward.h) and of the projection's products (gemm.h):
+// argument checks, output allocation,
 // dtype dispatch (fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64) and the parallel loops over
 // (batch, head, band) tasks on ATen's threads (parallel_for).
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 
 #include "backward.h"
 #include "forward.h"
+#include "gemm.h"
 #include "peak.h"
 
 namespace {
@@ -172,6 +174,52 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   return {dq, dk, dv};
 }
 
+// C_b = A_b B_b for every b ((B, M, N)), or with ``reduce`` C = sum_b A_b B_b ((M, N), the sum in b order):
+// a (1 or B, M, K), b (B, K, N), fp32 or fp64, any strides. Tasks: (image, panel of columns), or with
+// ``reduce`` (panel, chunk of rows) each summing over every image.
+at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "a, b: expected (batch, M, K) and (batch, K, N)");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+              "a, b: expected CPU tensors of one dtype, float32 or float64");
+  const int64_t batch = b.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+  TORCH_CHECK(b.size(1) == K && (a.size(0) == 1 || a.size(0) == batch),
+              "a, b: expected (1 or batch, M, K) and (batch, K, N), got ", a.sizes(), " and ", b.sizes());
+  const auto shape = reduce ? std::vector<int64_t>{M, N} : std::vector<int64_t>{batch, M, N};
+  if (batch == 0 || M == 0 || N == 0 || K == 0) return at::zeros(shape, b.options());
+  at::Tensor c = at::empty(shape, b.options());  // every element written once, by one task
+  const int64_t a_batch_stride = a.size(0) == 1 ? 0 : a.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sasa_native_matmul", [&] {
+    using T = scalar_t;
+    constexpr int P = kPanelWidth<T>;
+    const int64_t panels = (N + P - 1) / P;
+    const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+    const int64_t chunks = reduce ? std::min<int64_t>(blocks, (at::get_num_threads() + panels - 1) / panels) : 1;
+    const int64_t chunk_rows = kRowBlock * ((blocks + chunks - 1) / chunks);
+    auto operand = [&](const at::Tensor& t, int64_t image, int64_t batch_stride) {
+      return Matrix<T>{t.data_ptr<T>() + image * batch_stride, t.stride(1), t.stride(2)};
+    };
+    T* out = c.data_ptr<T>();
+    run_tasks(reduce ? panels * chunks : batch * panels, [&] { return VecBuffer<T>(kDepth * kPanelVectors); },
+              [&](VecBuffer<T>& slab, int64_t task) {
+                const int64_t panel = task % panels, n0 = panel * P;
+                const int width = static_cast<int>(std::min<int64_t>(P, N - n0));
+                if (!reduce) {
+                  const int64_t image = task / panels;
+                  gemm_panel(operand(a, image, a_batch_stride), operand(b, image, b.stride(0)), 0, M, K, n0, width,
+                             out + image * M * N, N, false, slab.data());
+                  return;
+                }
+                const int64_t m0 = task / panels * chunk_rows, m1 = std::min(M, m0 + chunk_rows);
+                for (int64_t image = 0; image < batch && m0 < m1; ++image) {
+                  gemm_panel(operand(a, image, a_batch_stride), operand(b, image, b.stride(0)), m0, m1, K, n0, width,
+                             out, N, image > 0, slab.data());
+                }
+              });
+  });
+  return c;
+}
+
 }  // namespace
 
 // GFLOP/s of fma_chains on ``threads`` of ATen's threads at once (each ``iterations`` rounds), in fp64
@@ -201,6 +249,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward,
         "dq, dk, dv[, drel_row, drel_col] = backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, "
         "scale, poison, band)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("matmul", &matmul, "c = matmul(a, b, reduce): a_b b_b per image, or their sum over images (reduce)",
         py::call_guard<py::gil_scoped_release>());
   m.def("fma_peak", &fma_peak, "GFLOP/s = fma_peak(double_precision, threads, iterations): the physical FMA peak",
         py::call_guard<py::gil_scoped_release>());

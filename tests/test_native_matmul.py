@@ -1,0 +1,98 @@
+"""The native extension's matrix product (csrc/cpu/gemm.h), SASA2d's projection backend "native": against a
+float64 product on shapes that cut every block short (rows past the 6-row block, columns past the panel, depth
+past the 128-deep slab), with the strided operands the projection's gradients pass, summed over images, and
+bitwise independent of the thread count."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sasa_impls
+from sasa_impls.impls import _native_build
+
+if not _native_build.native_available(torch.device("cpu"), torch.float32)[0]:
+    pytest.skip(f"native CPU kernel unavailable: {_native_build.native_available(torch.device('cpu'), torch.float32)[1]}",
+                allow_module_level=True)
+
+# (batch, M, K, N): one full block; tails of every loop; a depth of three slabs; the layer's shape
+SHAPES = [(1, 6, 128, 64), (2, 13, 5, 37), (3, 7, 300, 70), (1, 1, 1, 1), (2, 384, 128, 196)]
+
+
+def ext():
+    return _native_build.cpu_extension()
+
+
+def tolerance(dtype: torch.dtype, depth: int) -> float:
+    return (1e-12 if dtype == torch.float64 else 2e-6) * depth**0.5 * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, m, k, n", SHAPES)
+def test_product_per_image_matches_float64(batch, m, k, n, dtype):
+    b = torch.randn(batch, k, n, dtype=dtype)
+    for a in (torch.randn(1, m, k, dtype=dtype), torch.randn(batch, m, k, dtype=dtype),
+              torch.randn(1, k, m, dtype=dtype).transpose(1, 2)):  # shared, per image, strided (W^T)
+        got = ext().matmul(a, b, False)
+        want = a.double() @ b.double()
+        assert got.shape == (batch, m, n) and got.dtype == dtype
+        assert (got.double() - want).abs().max().item() <= tolerance(dtype, k) * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, m, k, n", SHAPES)
+def test_product_summed_over_images_matches_float64(batch, m, k, n, dtype):
+    """The weight gradient's form: B read transposed (its columns at a stride), the images summed."""
+    a = torch.randn(batch, m, k, dtype=dtype)
+    b = torch.randn(batch, n, k, dtype=dtype).transpose(1, 2)
+    got = ext().matmul(a, b, True)
+    want = (a.double() @ b.double()).sum(0)
+    assert got.shape == (m, n)
+    assert (got.double() - want).abs().max().item() <= tolerance(dtype, batch * k) * want.abs().max().item()
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_product_bits_do_not_depend_on_the_thread_count(reduce):
+    a, b = torch.randn(3, 50, 200), torch.randn(3, 200, 150)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(ext().matmul(a, b, reduce))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_empty_depth_gives_zeros():
+    got = ext().matmul(torch.randn(1, 4, 0), torch.randn(2, 0, 5), False)
+    assert torch.equal(got, torch.zeros(2, 4, 5))
+
+
+@pytest.mark.parametrize("a, b, message", [
+    (torch.randn(4, 3), torch.randn(1, 3, 5), "a, b: expected"),
+    (torch.randn(1, 4, 3), torch.randn(1, 2, 5), "a, b: expected"),
+    (torch.randn(3, 4, 3), torch.randn(2, 3, 5), "a, b: expected"),
+    (torch.randn(1, 4, 3).half(), torch.randn(1, 3, 5).half(), "float32 or float64"),
+    (torch.randn(1, 4, 3), torch.randn(1, 3, 5).double(), "one dtype"),
+])
+def test_bad_operands_are_one_line_errors(a, b, message):
+    with pytest.raises(RuntimeError, match=message):
+        ext().matmul(a, b, False)
+
+
+def test_native_projection_backend_gives_the_convs_gradients_in_float64():
+    """The layer's projection through the native backend, forward and both gradients, against the three
+    1x1 convs in float64 (the fp32 comparison is tests/test_layers.py's)."""
+    layer = sasa_impls.SASA2d(10, 12, 3, heads=2).double()
+    convs = (layer.query, layer.key, layer.value)
+    x = torch.randn(2, 10, 7, 9, dtype=torch.float64, requires_grad=True)
+    weight = sasa_impls.projection.stacked_weight(convs)
+    fused = sasa_impls.projection.PROJECTION_BACKENDS["native"](x, weight)
+    separate = torch.cat([conv(x) for conv in convs], 1)
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+    seed = torch.randn_like(separate)
+    got = torch.autograd.grad((fused * seed).sum(), [x, *(c.weight for c in convs)])
+    want = torch.autograd.grad((separate * seed).sum(), [x, *(c.weight for c in convs)])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
