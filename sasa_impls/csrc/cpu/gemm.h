@@ -61,11 +61,13 @@ void pack_slab(const Matrix<T>& b, int64_t k0, int depth, int64_t n0, int width,
   }
 }
 
-// C[m0 .. m0 + ROWS, panel columns] (+)= A[rows, k0 .. k0 + depth] slab; ``width`` valid columns of the panel.
-template <typename T, int ROWS>
+// C[m0 .. m0 + ROWS, panel columns] (+)= A[rows, k0 .. k0 + depth] slab; ``width`` valid columns of the panel,
+// in its first V vectors (a panel cut short by the image's last pixels computes only the vectors it needs:
+// 784 = 12 x 64 + 16 columns at 28 x 28).
+template <typename T, int ROWS, int V>
 __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_t k0, int depth, const T* slab,
                                           T* c, int64_t ldc, int width, bool accumulate) {
-  constexpr int L = kLanes<T>, V = kPanelVectors, P = kPanelWidth<T>;
+  constexpr int L = kLanes<T>, P = kPanelWidth<T>;
   Vec<T> acc[ROWS][V];
   for (int i = 0; i < ROWS; ++i) {
     for (int v = 0; v < V; ++v) {
@@ -103,14 +105,17 @@ __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_
   }
 }
 
-// gemm_block for 1 .. ROWS rows (known at run time).
-template <typename T, int ROWS = kRowBlock>
-inline void gemm_rows(int rows, const Matrix<T>& a, int64_t m0, int64_t k0, int depth, const T* slab, T* c,
-                      int64_t ldc, int width, bool accumulate) {
+// gemm_block for 1 .. ROWS rows and 1 .. V vectors (known at run time).
+template <typename T, int ROWS = kRowBlock, int V = kPanelVectors>
+inline void gemm_rows(int rows, int vectors, const Matrix<T>& a, int64_t m0, int64_t k0, int depth, const T* slab,
+                      T* c, int64_t ldc, int width, bool accumulate) {
   if constexpr (ROWS > 1) {
-    if (rows < ROWS) return gemm_rows<T, ROWS - 1>(rows, a, m0, k0, depth, slab, c, ldc, width, accumulate);
+    if (rows < ROWS) return gemm_rows<T, ROWS - 1, V>(rows, vectors, a, m0, k0, depth, slab, c, ldc, width, accumulate);
   }
-  gemm_block<T, ROWS>(a, m0, k0, depth, slab, c, ldc, width, accumulate);
+  if constexpr (V > 1) {
+    if (vectors < V) return gemm_rows<T, ROWS, V - 1>(rows, vectors, a, m0, k0, depth, slab, c, ldc, width, accumulate);
+  }
+  gemm_block<T, ROWS, V>(a, m0, k0, depth, slab, c, ldc, width, accumulate);
 }
 
 // C[m0 .. m1, n0 .. n0 + width) (+)= A[m0 .. m1, :] B[:, n0 .. n0 + width), K = a's columns, slab by slab;
@@ -122,9 +127,10 @@ void gemm_panel(const Matrix<T>& a, const Matrix<T>& b, int64_t m0, int64_t m1, 
     const int depth = static_cast<int>(depth_total - k0 < kDepth ? depth_total - k0 : kDepth);
     pack_slab(b, k0, depth, n0, width, slab);
     const bool add = accumulate || k0 > 0;
+    const int vectors = (width + kLanes<T> - 1) / kLanes<T>;
     for (int64_t m = m0; m < m1; m += kRowBlock) {
       const int rows = static_cast<int>(m1 - m < kRowBlock ? m1 - m : kRowBlock);
-      gemm_rows<T>(rows, a, m, k0, depth, slab, c + m * ldc + n0, ldc, width, add);
+      gemm_rows<T>(rows, vectors, a, m, k0, depth, slab, c + m * ldc + n0, ldc, width, add);
     }
   }
 }
