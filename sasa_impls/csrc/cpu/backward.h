@@ -2,14 +2,14 @@
 // log-sum-exp, p = exp(s - lse), dS = p (dP - delta) with dP = dO . v and delta = dO . O per query.
 //
 // One task = the query rows of one band of one (batch, head), taken kBackwardGroupRows at a time, against the
-// key rows of their windows, also kBackwardGroupRows at a time. For each key row, a query-centric sweep over
+// key rows of their windows, kBackwardKeyRows at a time. For each key row, a query-centric sweep over
 // the rows' blocks computes p and dS for all k column offsets (the logits and dP as in the forward),
 // accumulates dQ += dS k (a shifted key row, as the forward aggregates v) and the per-query sums of dS
 // over each row offset and each column offset (the relative gradients' k + k values per query), and
 // leaves p and dS of each (query row, key row) pair (k values per pixel) in scratch. For each query
 // row, a key-centric sweep over the key rows then reads them diagonally (key x, offset c pairs with
 // query x - c + r) for dK += dS q and dV += p dO, with the key row's pixels in the lanes. Grouping
-// rows lets each shifted load feed the FMAs of two rows (contract.h). Each contraction is the
+// rows lets each shifted load feed the FMAs of every row of a group (2 or 4 rows, below; contract.h). Each contraction is the
 // forward's microkernel: 5 D MACs per (query, key) pair.
 //
 // Key rows are shared by neighbouring bands, so each task accumulates dK and dV into its own halo rows
@@ -22,10 +22,20 @@
 
 namespace sasa::cpu {
 
-// Rows per group in the backward: 2 (the forward takes 4). Its per-group scratch holds p and dS of every
-// (query row, key row) pair of a group, G^2 k padded rows each: with G = 4 that outgrows L1 (measured 7%
-// slower at k = 19), with G = 2 it stays in it.
-inline constexpr int kBackwardGroupRows = 2;
+// Query rows and key rows per group in the backward. Its per-group scratch holds p and dS of every (query
+// row, key row) pair of a group, G GK k padded rows each. More rows per group feed each shifted load to more
+// FMAs (contract.h's microkernel on a Zen 5: 4 rows at 67-70% of the FMA-only rate, 2 rows at 50-54%), but
+// the scratch of 4 x 4 pairs outgrows L1. Measured at k = 19, 2 threads, interleaved against 2 x 2:
+// - AMD EPYC Zen 5 (family 26 model 2, AVX-512): 4 x 4 0.87-0.90 of the time (28 x 28 and 32 x 32, batch
+//   1 and 8; k = 7 0.93), 4 x 2 0.93-0.94, 2 x 4 0.95;
+// - the same CPU, AVX2 build (16 registers): 4 x 4 1.19-1.21, 4 x 2 1.15;
+// - Intel Xeon family 6 model 167 (AVX-512), an earlier kernel: 4 x 4 1.07, 4 x 2 1.01-1.02, 2 x 4 0.98.
+// So AMD CPUs with AVX-512 (GCC names them znver3 and up) take 4 x 4, everything else 2 x 2.
+#if defined(__AVX512F__) && (defined(__znver3__) || defined(__znver4__) || defined(__znver5__))
+inline constexpr int kBackwardGroupRows = 4, kBackwardKeyRows = 4;
+#else
+inline constexpr int kBackwardGroupRows = 2, kBackwardKeyRows = 2;
+#endif
 
 template <typename S, typename T>
 struct BackwardArgs {
@@ -64,7 +74,7 @@ struct BackwardWorkspace {
   RelTables<T> rel;
   std::vector<T> lse, delta;              // [band rows][wp]
   std::vector<T> row_terms, col_terms;    // [G][k][wp]: the relative terms of the group's query rows
-  VecBuffer<T> probs, dscores;            // [G][G][k][ws]: p and dS of (query row g, key row a0 + e)
+  VecBuffer<T> probs, dscores;            // [G][GK][k][ws]: p and dS of (query row g, key row a0 + e)
   std::vector<T> ds_rows, ds_cols;        // [band rows][k][wp]: sums of dS per row / column offset
   std::vector<T> dq;                      // [band rows][D][wp]: dQ / scale
   VecBuffer<T> logits, dp;                // G k vectors each
@@ -82,8 +92,8 @@ struct BackwardWorkspace {
         delta(static_cast<size_t>(band) * wp),
         row_terms(static_cast<size_t>(kBackwardGroupRows) * s.kernel_size * wp),
         col_terms(static_cast<size_t>(kBackwardGroupRows) * s.kernel_size * wp),
-        probs(kBackwardGroupRows * kBackwardGroupRows * pair_size / kLanes<T>),
-        dscores(kBackwardGroupRows * kBackwardGroupRows * pair_size / kLanes<T>),
+        probs(kBackwardGroupRows * kBackwardKeyRows * pair_size / kLanes<T>),
+        dscores(kBackwardGroupRows * kBackwardKeyRows * pair_size / kLanes<T>),
         ds_rows(static_cast<size_t>(band) * s.kernel_size * wp),
         ds_cols(static_cast<size_t>(band) * s.kernel_size * wp),
         dq(static_cast<size_t>(band) * s.channels * wp),
@@ -91,7 +101,7 @@ struct BackwardWorkspace {
         dp(kBackwardGroupRows * s.kernel_size) {}
 
   // p or dS of (query row g, key row a0 + e) of the current groups, at query column -margin
-  T* pair(VecBuffer<T>& scratch, int g, int e) { return scratch.data() + (g * kBackwardGroupRows + e) * pair_size; }
+  T* pair(VecBuffer<T>& scratch, int g, int e) { return scratch.data() + (g * kBackwardKeyRows + e) * pair_size; }
 };
 
 // lse and delta = dO . O of the band's query rows; padding lanes get lse = +1e30, which makes their
@@ -172,7 +182,7 @@ void sum_products(const Shape& shape, const BackwardWorkspace<T>& ws, const std:
 template <typename T>
 __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspace<T>& ws, int row0, int row1, int hb,
                                              T* halo, T* rel_partial) {
-  constexpr int L = kLanes<T>, G = kBackwardGroupRows;
+  constexpr int L = kLanes<T>, G = kBackwardGroupRows, GK = kBackwardKeyRows;
   const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height;
   const int dr = shape.row_channels(), dc = shape.col_channels();
   const int wp = ws.wp, wsc = ws.ws, margin = ws.margin;
@@ -207,8 +217,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
     }
 
     const int a_end = window_end(i0 + rows - 1, r, H);
-    for (int a0 = window_begin(i0, r); a0 < a_end; a0 += G) {
-      const int keys = a_end - a0 < G ? a_end - a0 : G;
+    for (int a0 = window_begin(i0, r); a0 < a_end; a0 += GK) {
+      const int keys = a_end - a0 < GK ? a_end - a0 : GK;
       for (int e = 0; e < keys; ++e) {  // queries of the group against key row a0 + e
         const int a = a0 + e;
         int first, last;
@@ -257,8 +267,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
         rows_within(i0 + g, a0, keys, r, first, last);
         if (first > last) continue;
         for (int x0 = 0; x0 < wp; x0 += L) {
-          Strided<T> dk[G], dv[G];
-          Loads<T> dscores[G], probs[G];
+          Strided<T> dk[GK], dv[GK];
+          Loads<T> dscores[GK], probs[GK];
           for (int e = first; e <= last; ++e) {
             dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
             dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
@@ -266,8 +276,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             probs[e] = {ws.pair(ws.probs, g, e) + margin + r + x0, wsc - 1};
           }
           const int count = last - first + 1;
-          contract_rows<T, G>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
-          contract_rows<T, G>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
+          contract_rows<T, GK>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
+          contract_rows<T, GK>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
         }
       }
     }
