@@ -113,7 +113,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
   const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out, out: expected q's shape");
-  const Bands bands{shape.height, band > 0 ? static_cast<int>(band) : default_band(shape.kernel_size)};
+  const Bands bands{shape.height, band > 0 ? static_cast<int>(band) : default_band(shape.kernel_size, kBackwardGroupRows)};
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const at::Tensor grad = grad_out.to(q.scalar_type());
