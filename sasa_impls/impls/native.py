@@ -12,15 +12,16 @@ forward's scratch does not grow with the band). The backward recomputes the prob
 saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise independent
 of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle
 tolerances). Status (README "What the committed results say"): the fastest attention on the CPU at
-every benchmark shape; SASA2d(128, 128, k=19) takes 1.55-1.7x a k = 3 convolution forward and 2.0-2.3x fwd+bwd
-on an AVX-512 Xeon (`sasa-bench claim`, three sessions; 2.9x forward earlier on an AVX2 EPYC), the bare op at
-k = 19 reaches about 37-38% of the physical FMA peak forward and 23-25% fwd+bwd (`scripts/native_targets.py`):
-the issue-20 goals (1.5x, 50%) are not met yet. What bounds it there: the contraction microkernel alone, on
-data in L1, runs at 115-150 GFLOP/s per core (55-64% of the FMA peak: its loads compete with the FMAs), and
-the kernel's q.k and a.v run at that rate; without the layer (projections at their own speed, no overhead)
-the layer would be 1.5x the conv forward and 1.9x fwd+bwd; see issue 20's notes. The AVX2 build (the
-"avx2" variant, -march=haswell) passes the reference checks in the tests on any AVX2 machine but has not been
-timed on an AVX2-only CPU since.
+every benchmark shape; SASA2d(128, 128, k=19) takes 1.4-1.5x a k = 3 convolution forward and 1.8-1.9x fwd+bwd
+on an AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extension's own matmul), 1.5x and
+2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the physical FMA peak forward and 28-41%
+fwd+bwd on the Zen 5, 40-42% and 27-28% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met
+forward in most cases on the Zen 5 and missed fwd+bwd. What bounds it: the contraction microkernel alone, on
+data in L1, runs at 50-70% of the FMA-only rate (the per-block set-up and drain against reductions of only
+D = 16 or k = 19 terms; in the backward two rows per block except on AMD CPUs with AVX-512), and the
+backward, 2.5x the forward's FMAs, takes 3-3.5x its time. The AVX2 build (the "avx2" variant,
+-march=haswell) passes the reference checks in the tests on any AVX2 machine but has not been timed on an
+AVX2-only CPU since.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
