@@ -115,7 +115,7 @@ def projection_candidates(x: torch.Tensor) -> list[str]:
 
 
 def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The faster of PROJECTION_BACKENDS for ``x`` times ``weight`` here, measured at first use per
+    """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` here, measured at first use per
     (input shape, output channels, dtype, device, memory format, training) and cached. In training (autograd
     recording) the forward and backward are timed together: at batch 8 the 1x1 conv had the faster forward
     and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""

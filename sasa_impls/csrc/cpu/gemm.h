@@ -1,4 +1,4 @@
-// Matrix products for SASA2d's fused projection (sasa_impls/layers.py): the 1x1 Q, K, V convolutions as one
+// Matrix products for SASA2d's fused projection (sasa_impls/projection.py): the 1x1 Q, K, V convolutions as one
 // product of the stacked weight (3 d_out x d_in) with the pixels of each image, and its two gradients:
 //     forward       C_b = W   X_b      (M = 3 d_out, K = d_in,   N = H W)
 //     input grad    C_b = W^T dY_b     (M = d_in,    K = 3 d_out, N = H W)
@@ -35,14 +35,6 @@ struct Matrix {
   int64_t row_stride, col_stride;
   const T* at(int64_t i, int64_t j) const { return data + i * row_stride + j * col_stride; }
 };
-
-// The first n lanes from p (1 <= n <= kLanes), zeros after them; nothing past p + n is read.
-template <typename T>
-inline Vec<T> load_first(const T* p, int n) {
-  Vec<T> v{};
-  for (int i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
 
 // Columns [n0, n0 + width) of rows [k0, k0 + depth) of B into ``slab`` (depth x kPanelWidth, row-major),
 // columns past ``width`` zero.

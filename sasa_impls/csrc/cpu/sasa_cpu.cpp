@@ -187,7 +187,7 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce) {
               "a, b: expected (1 or batch, M, K) and (batch, K, N), got ", a.sizes(), " and ", b.sizes());
   const auto shape = reduce ? std::vector<int64_t>{M, N} : std::vector<int64_t>{batch, M, N};
   if (batch == 0 || M == 0 || N == 0 || K == 0) return at::zeros(shape, b.options());
-  at::Tensor c = at::empty(shape, b.options());  // every element written once, by one task
+  at::Tensor c = at::empty(shape, b.options());  // every element written by one task, its first write a store
   const int64_t a_batch_stride = a.size(0) == 1 ? 0 : a.stride(0);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sasa_native_matmul", [&] {
     using T = scalar_t;

@@ -87,6 +87,15 @@ inline void store_first(T* p, Vec<T> v, int n) {
 #endif
 }
 
+// The first n (1 <= n <= kLanes) lanes from p, zeros after them; nothing past p + n is read (store_first's
+// counterpart, for the rare partial vector a product accumulates onto).
+template <typename T>
+inline Vec<T> load_first(const T* p, int n) {
+  Vec<T> v{};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
 // Lane-wise max and horizontal reductions; templates on the vector type (a Vec<T> argument would not
 // deduce T through the alias).
 template <typename V>
