@@ -18,7 +18,7 @@ on an AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extens
 fwd+bwd on the Zen 5, 40-42% and 27-28% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met
 forward in most cases on the Zen 5 and missed fwd+bwd. What bounds it: the contraction microkernel alone, on
 data in L1, runs at 50-70% of the FMA-only rate (the per-block set-up and drain against reductions of only
-D = 16 or k = 19 terms; in the backward two rows per block except on AMD CPUs with AVX-512), and the
+D = 16 or k = 19 terms; in the backward four rows per block with AVX-512, two with AVX2), and the
 backward, 2.5x the forward's FMAs, takes 3-3.5x its time. The AVX2 build (the "avx2" variant,
 -march=haswell) passes the reference checks in the tests on any AVX2 machine but has not been timed on an
 AVX2-only CPU since.

@@ -29,9 +29,10 @@ namespace sasa::cpu {
 // - AMD EPYC Zen 5 (family 26 model 2, AVX-512): 4 x 4 0.87-0.90 of the time (28 x 28 and 32 x 32, batch
 //   1 and 8; k = 7 0.93), 4 x 2 0.93-0.94, 2 x 4 0.95;
 // - the same CPU, AVX2 build (16 registers): 4 x 4 1.19-1.21, 4 x 2 1.15;
-// - Intel Xeon family 6 model 167 (AVX-512), an earlier kernel: 4 x 4 1.07, 4 x 2 1.01-1.02, 2 x 4 0.98.
-// So AMD CPUs with AVX-512 (GCC names them znver3 and up) take 4 x 4, everything else 2 x 2.
-#if defined(__AVX512F__) && (defined(__znver3__) || defined(__znver4__) || defined(__znver5__))
+// - Intel Xeon family 6 model 167 (AVX-512): 4 x 4 0.93-0.99 (0.94 on 1 thread; k = 7 0.98-0.99); an
+//   earlier kernel had read 1.07 there (4 x 2 1.01-1.02, 2 x 4 0.98).
+// So every CPU with AVX-512 (32 vector registers) takes 4 x 4, AVX2 2 x 2.
+#if defined(__AVX512F__)
 inline constexpr int kBackwardGroupRows = 4, kBackwardKeyRows = 4;
 #else
 inline constexpr int kBackwardGroupRows = 2, kBackwardKeyRows = 2;
