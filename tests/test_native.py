@@ -7,6 +7,8 @@ comparison. The extension is compiled once per machine (cached by torch) and loa
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -43,7 +45,7 @@ def assert_matches_reference(inputs, kernel_size, scale, **options):
 # (batch, heads, H, W, D, k, with_rel, scale, band): W = 37 is more than two vectors of 16 lanes (AVX-512) and not a
 # multiple of any lane count; H = 20 > the default band (8 at k <= 9), bands of 1 and 3 rows (an odd last group of
 # rows), D = 64 and odd D, k = 19 with halo rows beyond every band, k larger than the image, batch > 1 (relative
-# gradients summed over batch and bands), one-row and one-column images.
+# gradients summed over batch and bands), one-row and one-column images, one band per plane (its task stores dK, dV).
 CASES = [
     (2, 2, 20, 37, 8, 5, True, 0.7, None),
     (1, 1, 20, 37, 64, 19, True, 0.3, None),
@@ -52,6 +54,7 @@ CASES = [
     (2, 1, 5, 6, 6, 21, True, 0.9, None),
     (1, 1, 1, 23, 8, 5, True, 1.0, None),
     (1, 1, 17, 1, 5, 7, True, 1.0, 2),
+    (2, 2, 12, 21, 8, 9, True, 0.8, 16),
 ]
 
 
@@ -112,6 +115,24 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     for other in results[1:]:
         for name, first, second in zip(("out", *NAMES), results[0], other):
             assert torch.equal(first, second), name
+
+
+def test_default_backward_band_is_the_plane_with_planes_enough_for_the_machine():
+    """With at least 4 (batch, head) planes per CPU of the machine the backward's default band is the whole image
+    (one task per plane stores dK and dV); with fewer, bands of k - 1 rows: the bits say which band ran."""
+    planes = 4 * os.cpu_count()
+    many = random_inputs(planes // 2, 2, 12, 9, 4, 9, True, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(planes // 2, 2, 12, 9, 4, dtype=torch.float64)
+    default = grads(native_attention(*many, 9, 0.5), many, cotangent)
+    whole = grads(native_attention(*many, 9, 0.5, band=12), many, cotangent)
+    banded = grads(native_attention(*many, 9, 0.5, band=8), many, cotangent)
+    assert all(torch.equal(a, b) for a, b in zip(default, whole))
+    assert not torch.equal(default[1], banded[1])  # dK: halo rows summed across the two bands
+    few = [t[:1].detach().requires_grad_() if t.dim() == 5 else t for t in many]
+    few_cotangent = cotangent[:1]
+    default = grads(native_attention(*few, 9, 0.5), few, few_cotangent)
+    banded = grads(native_attention(*few, 9, 0.5, band=8), few, few_cotangent)
+    assert all(torch.equal(a, b) for a, b in zip(default, banded))
 
 
 def test_inference_skips_autograd_and_gives_the_training_bits():

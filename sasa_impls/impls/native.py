@@ -132,9 +132,10 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_row:
                      rel_col: Optional[torch.Tensor], kernel_size: int, scale: float = 1.0,
                      band: Optional[int] = None) -> torch.Tensor:
     """Fused SASA with the native kernels, forward and backward (arguments as ``local_attention``).
-    ``band``: query rows per CPU task (default: backward k - 1 rounded down to whole groups of rows, at least 8, forward whole 4-row groups, about 4
-    tasks per thread; 0 to the extension); the gradients' bits depend on it, never on the thread count. CUDA
-    tiles are fixed per head dim (csrc/cuda/plan.h)."""
+    ``band``: query rows per CPU task (default: backward the whole image where the (batch, head) planes give 4
+    tasks per CPU of the machine, else k - 1 rounded down to whole groups of rows, at least 8; forward whole
+    4-row groups, about 4 tasks per thread; 0 to the extension); the gradients' bits depend on it, never on the
+    thread count. CUDA tiles are fixed per head dim (csrc/cuda/plan.h)."""
     band = 0 if band is None else check_band(band)
     return fused_attention(_NativeKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
 
@@ -148,7 +149,7 @@ register(
         check=native_available,
         limits=native_limits,
         auto_priority={"cpu": 0, "cuda": 5},
-        options={"band": Option(check_band, "query rows per CPU task, default k - 1 (whole groups of rows, at least 8) backward, about 4 tasks per thread forward")},
+        options={"band": Option(check_band, "query rows per CPU task, default backward the image with 4 planes per CPU, else k - 1 (whole groups, at least 8); forward about 4 tasks per thread")},
         poisoned=poisoned_outputs,
     )
 )

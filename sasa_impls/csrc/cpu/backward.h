@@ -45,7 +45,7 @@ struct BackwardArgs {
   const S* rel_col;
   const T* lse;  // (B, heads, H, W) contiguous
   T scale;
-  Tensor5<S> dq;
+  Tensor5<S> dq, dk, dv;
   T* halo;                     // every task's halo rows: [rows][dK, dV][D][padded W]
   const int64_t* halo_offset;  // first halo row of band t within one (batch, head), t <= band count
   T* rel_partial;              // (tasks, k, D): per-task relative gradients, or nullptr
@@ -316,6 +316,9 @@ void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S,
   T* halo = args.halo + (plane * args.halo_offset[bands.count()] + args.halo_offset[t]) * halo_row_size<T>(shape);
   T* rel_partial = shape.has_rel ? args.rel_partial + (plane * bands.count() + t) * shape.kernel_size * D : nullptr;
   backward_rows(shape, ws, row0, row1, hb, halo, rel_partial);
+  if (bands.count() == 1) {  // the plane's only halo: dK and dV are final, stored while still in this core's caches
+    for (int a = hb; a < he; ++a) store_key_row(shape, args, b, h, a, halo + (a - hb) * halo_row_size<T>(shape));
+  }
   const Plane<S> dq = args.dq.plane(b, h);
   for (int i = row0; i < row1; ++i) {
     T* rows = ws.dq.data() + static_cast<int64_t>(i - row0) * D * ws.wp;
@@ -325,26 +328,36 @@ void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S,
   }
 }
 
-// dK and dV of key row a of (b, h): the halo rows of every band that touches it, summed in band order.
+// dK and dV of key row a of (b, h) from ``row``, halo-row layout ([dK, dV][D][padded W]).
 template <typename S, typename T>
-void reduce_key_row(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, const Tensor5<S>& dk,
-                    const Tensor5<S>& dv, int b, int h, int a, std::vector<T>& sum) {
+void store_key_row(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h, int a, T* row) {
   constexpr int L = kLanes<T>;
-  const int D = shape.channels, W = shape.width, r = shape.radius();
-  const int wp = padded_width<T>(W);
-  const int64_t row_size = halo_row_size<T>(shape);
-  std::fill(sum.begin(), sum.end(), T(0));
-  const T* head = args.halo + (static_cast<int64_t>(b) * shape.heads + h) * args.halo_offset[bands.count()] * row_size;
-  for (int t = window_begin(a, r) / bands.band; t <= (window_end(a, r, shape.height) - 1) / bands.band; ++t) {
-    const T* row = head + (args.halo_offset[t] + a - halo_begin(shape, bands, t)) * row_size;
-    for (int64_t e = 0; e < row_size; ++e) sum[e] += row[e];
-  }
-  const Plane<S> dk_out = dk.plane(b, h), dv_out = dv.plane(b, h);
+  const int D = shape.channels, W = shape.width, wp = padded_width<T>(W);
+  const Plane<S> dk = args.dk.plane(b, h), dv = args.dv.plane(b, h);
   for (int x0 = 0; x0 < W; x0 += L) {
     const int n = W - x0 < L ? W - x0 : L;
-    store_pixels(dk_out, a, x0, n, Strided<T>{sum.data() + x0, wp}, D, T(1));
-    store_pixels(dv_out, a, x0, n, Strided<T>{sum.data() + static_cast<int64_t>(D) * wp + x0, wp}, D, T(1));
+    store_pixels(dk, a, x0, n, Strided<T>{row + x0, wp}, D, T(1));
+    store_pixels(dv, a, x0, n, Strided<T>{row + static_cast<int64_t>(D) * wp + x0, wp}, D, T(1));
   }
+}
+
+// dK and dV of key row a of (b, h): the halo rows of every band that touches it, summed in band order (a
+// row only one band touches is stored from its halo row).
+template <typename S, typename T>
+void reduce_key_row(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h, int a,
+                    std::vector<T>& sum) {
+  const int r = shape.radius();
+  const int64_t row_size = halo_row_size<T>(shape);
+  T* head = args.halo + (static_cast<int64_t>(b) * shape.heads + h) * args.halo_offset[bands.count()] * row_size;
+  const auto halo_row = [&](int t) { return head + (args.halo_offset[t] + a - halo_begin(shape, bands, t)) * row_size; };
+  const int first = window_begin(a, r) / bands.band, last = (window_end(a, r, shape.height) - 1) / bands.band;
+  if (first == last) return store_key_row(shape, args, b, h, a, halo_row(first));
+  std::fill(sum.begin(), sum.end(), T(0));
+  for (int t = first; t <= last; ++t) {
+    const T* row = halo_row(t);
+    for (int64_t e = 0; e < row_size; ++e) sum[e] += row[e];
+  }
+  store_key_row(shape, args, b, h, a, sum.data());
 }
 
 }  // namespace sasa::cpu

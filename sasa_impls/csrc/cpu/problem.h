@@ -45,12 +45,17 @@ inline void rows_within(int row, int first_row, int count, int radius, int& firs
   last = row + radius - first_row < count - 1 ? row + radius - first_row : count - 1;
 }
 
-// Default band of the backward: 2r rows rounded down to whole groups of ``group_rows``, at least 8, so a band's key
-// rows (its halo) are about twice its query rows at most: the backward's per-band key-gradient buffers then stay
-// O(H W D) whatever k. Whole groups: with 4-row groups at k = 19, bands of 16 rows measured 0.94-0.995 of the
-// time of bands of 18 (4 + 4 + 4 + 4 + 2 rows; AMD Zen 5, 28 x 28 and 32 x 32).
-inline int default_band(int kernel_size, int group_rows) {
-  const int rows = (kernel_size - 1) / group_rows * group_rows;
+// Default band of the backward. One band per (batch, head) plane where the planes alone give about 4 tasks per
+// CPU of the machine (``cpus``): a plane's only task then holds every key row's dK and dV and stores them, no
+// halo rows are summed across bands (k = 19, Xeon family 6 model 167, 2 threads: 0.91-0.95 of the time of
+// 16-row bands at 28 x 28 and 32 x 32, batch 1 and 8). Otherwise 2r rows rounded down to whole groups of
+// ``group_rows``, at least 8, so a band's key rows (its halo) are about twice its query rows at most: the
+// per-band key-gradient buffers then stay O(H W D) whatever k. Whole groups: with 4-row groups at k = 19,
+// bands of 16 rows measured 0.94-0.995 of the time of bands of 18 (AMD Zen 5). The gradients' bits depend on
+// the band, so ``cpus`` is the machine's count, never the threads a call runs on.
+inline int default_band(const Shape& s, int group_rows, int cpus) {
+  if (static_cast<int64_t>(s.batch) * s.heads >= 4 * static_cast<int64_t>(cpus)) return s.height;
+  const int rows = (s.kernel_size - 1) / group_rows * group_rows;
   return rows > 8 ? rows : 8;
 }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <type_traits>
 
 #include "backward.h"
@@ -77,6 +78,12 @@ Task task_of(const Shape& s, int64_t task) {
   return {plane / s.heads, plane % s.heads, static_cast<int>(task / planes)};
 }
 
+// The machine's logical CPUs (not the threads a call runs on): the backward's default band depends on it.
+int machine_cpus() {
+  const unsigned cpus = std::thread::hardware_concurrency();
+  return cpus > 0 ? static_cast<int>(cpus) : 1;
+}
+
 at::Tensor maybe_poisoned(at::Tensor t, bool poison) {
   return poison ? t.fill_(std::numeric_limits<double>::quiet_NaN()) : t;
 }
@@ -113,7 +120,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
   const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out, out: expected q's shape");
-  const Bands bands{shape.height, band > 0 ? static_cast<int>(band) : default_band(shape.kernel_size, kBackwardGroupRows)};
+  const Bands bands{shape.height, band > 0 ? static_cast<int>(band)
+                                                   : default_band(shape, kBackwardGroupRows, machine_cpus())};
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const at::Tensor grad = grad_out.to(q.scalar_type());
@@ -138,18 +146,20 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         view5<const scalar_t>(q), view5<const scalar_t>(k), view5<const scalar_t>(v), view5<const scalar_t>(out),
         view5<const scalar_t>(grad), shape.has_rel ? rows.data_ptr<scalar_t>() : nullptr,
         shape.has_rel ? cols.data_ptr<scalar_t>() : nullptr, stats.data_ptr<T>(), static_cast<T>(scale),
-        view5<scalar_t>(dq), halo.data_ptr<T>(), halo_offset.data(), partial.data_ptr<T>()};
+        view5<scalar_t>(dq), view5<scalar_t>(dk), view5<scalar_t>(dv), halo.data_ptr<T>(), halo_offset.data(),
+        partial.data_ptr<T>()};
     run_tasks(tasks, [&] { return BackwardWorkspace<T>(shape, bands.band); },
               [&](BackwardWorkspace<T>& ws, int64_t task) {
                 const Task t = task_of(shape, task);
                 backward_task(shape, bands, args, t.b, t.h, t.band, ws);
               });
-    const Tensor5<scalar_t> dk5 = view5<scalar_t>(dk), dv5 = view5<scalar_t>(dv);
-    run_tasks(planes * shape.height, [&] { return std::vector<T>(halo_row_size<T>(shape)); },
-              [&](std::vector<T>& sum, int64_t row) {
-                const int bh = row / shape.height;
-                reduce_key_row(shape, bands, args, dk5, dv5, bh / shape.heads, bh % shape.heads, row % shape.height, sum);
-              });
+    if (bands.count() > 1) {  // one band per plane: its task stored dK and dV
+      run_tasks(planes * shape.height, [&] { return std::vector<T>(halo_row_size<T>(shape)); },
+                [&](std::vector<T>& sum, int64_t row) {
+                  const int bh = row / shape.height;
+                  reduce_key_row(shape, bands, args, bh / shape.heads, bh % shape.heads, row % shape.height, sum);
+                });
+    }
     if (shape.has_rel) {  // sum the per-task relative gradients over batch and bands, in task order
       const int kd = shape.kernel_size * shape.channels, dr = shape.row_channels(), dc = shape.col_channels();
       const T* parts = partial.data_ptr<T>();
