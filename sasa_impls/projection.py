@@ -150,6 +150,38 @@ def stacked_weight(convs: Sequence[nn.Conv2d]) -> torch.Tensor:
     return cached[1]
 
 
+def concatenated_channels(grads: Sequence[torch.Tensor], shape: torch.Size, strides: tuple[int, ...],
+                          sizes: Sequence[int]) -> torch.Tensor:
+    """``grads`` (the slices of ``sizes`` channels of a tensor of ``shape`` and ``strides``, in order) as one
+    tensor: a view of the buffer they already fill where they are those slices of one buffer, with those
+    strides (as the native kernel's backward writes them: sasa_cpu.cpp's gradients_like), else their
+    concatenation. At batch 8, 28 x 28, concatenating the 10 MB took 0.7 ms of a k = 19 op's fwd+bwd."""
+    first = grads[0]
+    storage, channel_stride = first.untyped_storage().data_ptr(), strides[1]
+    offsets = [first.storage_offset() + sum(sizes[:i]) * channel_stride for i in range(len(sizes))]
+
+    def strided_as_slice(g: torch.Tensor) -> bool:  # a dim of size 1 may have any stride
+        return all(n == 1 or a == b for n, a, b in zip(g.shape, g.stride(), strides))
+    if all(strided_as_slice(g) and g.storage_offset() == offset and g.untyped_storage().data_ptr() == storage
+           for g, offset in zip(grads, offsets)):
+        return first.as_strided(shape, strides, first.storage_offset())
+    return torch.cat(grads, dim=1)
+
+
+class _ChannelSplit(torch.autograd.Function):
+    """``out.split(sizes, dim=1)`` whose backward is :func:`concatenated_channels` (split's own always copies)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        ctx.geometry = out.shape, out.stride(), sizes
+        return out.split(sizes, dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return concatenated_channels(grads, *ctx.geometry), None
+
+
 def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.Tensor]:
     """The outputs of the bias-free 1x1 ``convs`` on ``x`` from one product (their weights stacked), by the
     backend :func:`projection_backend` picks; each output a channel-major view of the product (no copy).
@@ -159,4 +191,5 @@ def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.
         return [conv(x) for conv in convs]
     weight = stacked_weight(convs)
     out = PROJECTION_BACKENDS[projection_backend(x, weight)](x, weight)
-    return list(out.split([conv.out_channels for conv in convs], dim=1))
+    sizes = tuple(conv.out_channels for conv in convs)
+    return list(_ChannelSplit.apply(out, sizes) if records_autograd(out) else out.split(sizes, dim=1))

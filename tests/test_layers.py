@@ -138,6 +138,23 @@ def test_fused_projection_matches_three_convs(backend, channels_last, batch, mon
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gradients_filling_one_buffer_reach_the_product_without_a_copy(batch):
+    """The channel slices' gradients, when they are those slices of one buffer, are that buffer (a view); in
+    another order, or from separate tensors, they are concatenated."""
+    buffer = torch.randn(batch, 4 + 6 + 2, 3, 5)
+    sizes = (4, 6, 2)
+    slices = buffer.split(sizes, dim=1)
+    joined = sasa_impls.projection.concatenated_channels(slices, buffer.shape, buffer.stride(), sizes)
+    assert joined.data_ptr() == buffer.data_ptr() and torch.equal(joined, buffer)
+    swapped = (slices[1], slices[0], slices[2])
+    joined = sasa_impls.projection.concatenated_channels(swapped, buffer.shape, buffer.stride(), (6, 4, 2))
+    assert joined.data_ptr() != buffer.data_ptr() and torch.equal(joined, torch.cat(swapped, 1))
+    copies = [t.clone() for t in slices]
+    joined = sasa_impls.projection.concatenated_channels(copies, buffer.shape, buffer.stride(), sizes)
+    assert torch.equal(joined, buffer) and joined.data_ptr() != buffer.data_ptr()
+
+
 def test_projection_backend_is_measured_once_per_shape_and_mode(monkeypatch):
     """Training (autograd recording) and inference are timed apart: each picks the backend faster in its mode."""
     monkeypatch.setattr(sasa_impls.projection, "_CHOSEN_BACKEND", {})

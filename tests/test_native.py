@@ -86,6 +86,41 @@ def test_layouts_give_the_same_bits(dtype):
         assert torch.equal(first, second)
 
 
+def heads_of(product: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """q, k, v as SASA2d hands them over: the channel thirds of one (B, 3 C, H, W) product, split into heads."""
+    batch, channels, height, width = product.shape
+    return [t.reshape(batch, heads, -1, height, width).permute(0, 1, 3, 4, 2) for t in product.split(channels // 3, 1)]
+
+
+def test_gradients_of_slices_of_one_product_fill_one_buffer_alike():
+    """q, k, v evenly spaced in one tensor: dq, dk, dv are the same slices of one new buffer (the product's
+    gradient needs no concatenation), with the reference's values."""
+    product = torch.randn(2, 3 * 2 * 8, 9, 13, dtype=torch.float64, requires_grad=True)
+    q, k, v = heads_of(product, 2)
+    rel = random_inputs(2, 2, 9, 13, 8, 5, True, requires_grad=True)[3:]
+    cotangent = torch.randn(2, 2, 9, 13, 8, dtype=torch.float64)
+    got = grads(native_attention(q, k, v, *rel, 5, 0.7), (q, k, v), cotangent)
+    want = grads(reference_attention(q, k, v, *rel, 5, 0.7), (q, k, v), cotangent)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
+        assert g.stride() == q.stride()
+    assert len({g.untyped_storage().data_ptr() for g in got}) == 1
+    assert [g.storage_offset() for g in got] == [0, 8 * 2 * 9 * 13, 2 * 8 * 2 * 9 * 13]
+
+
+def test_overlapping_views_get_gradients_of_their_own():
+    """q, k, v evenly spaced in one tensor but overlapping (channel windows shifted by one): one buffer laid out
+    alike would have the kernel write dq over dk, so each gets its own, and the reference's values."""
+    base = torch.randn(1, 2, 7, 10, 10, dtype=torch.float64)
+    q, k, v = (base[..., i:i + 8].requires_grad_() for i in range(3))
+    cotangent = torch.randn(1, 2, 7, 10, 8, dtype=torch.float64)
+    got = grads(native_attention(q, k, v, None, None, 5, 1.0), (q, k, v), cotangent)
+    want = grads(reference_attention(q, k, v, None, None, 5, 1.0), (q, k, v), cotangent)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
+    assert len({g.untyped_storage().data_ptr() for g in got}) == 3
+
+
 def test_sasa2d_uses_native_on_cpu_and_matches_reference():
     layer = sasa_impls.SASA2d(16, 16, kernel_size=5, heads=2, impl="native").double()
     x = torch.randn(2, 16, 9, 12, dtype=torch.float64)

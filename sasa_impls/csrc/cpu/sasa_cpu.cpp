@@ -88,6 +88,25 @@ at::Tensor maybe_poisoned(at::Tensor t, bool poison) {
   return poison ? t.fill_(std::numeric_limits<double>::quiet_NaN()) : t;
 }
 
+// dq, dk, dv laid out as q, k, v are. Where q, k, v are evenly spaced views of one buffer with one set of
+// strides that together tile it (SASA2d's channel slices of its projection's product), the gradients are the
+// same views of one new buffer, so the product's gradient is that buffer, no concatenation (projection.py's
+// _ChannelSplit); otherwise each is allocated like its input.
+std::vector<at::Tensor> gradients_like(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t spacing = k.storage_offset() - q.storage_offset();
+  if (spacing > 0 && v.storage_offset() - k.storage_offset() == spacing && k.storage().is_alias_of(q.storage()) &&
+      v.storage().is_alias_of(q.storage()) && k.strides() == q.strides() && v.strides() == q.strides()) {
+    std::vector<int64_t> sizes{3}, strides{spacing};
+    sizes.insert(sizes.end(), q.sizes().begin(), q.sizes().end());
+    strides.insert(strides.end(), q.strides().begin(), q.strides().end());
+    if (at::empty_strided(sizes, strides, q.options().device(at::kMeta)).is_non_overlapping_and_dense()) {
+      const at::Tensor all = at::empty_strided(sizes, strides, q.options());  // (3, B, heads, H, W, D)
+      return {all[0], all[1], all[2]};
+    }
+  }
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
                                 int64_t kernel_size, double scale, bool poison, int64_t band) {
@@ -126,9 +145,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const at::Tensor grad = grad_out.to(q.scalar_type());
   const at::Tensor stats = lse.contiguous();
-  at::Tensor dq = maybe_poisoned(at::empty_like(q), poison);
-  at::Tensor dk = maybe_poisoned(at::empty_like(k), poison);
-  at::Tensor dv = maybe_poisoned(at::empty_like(v), poison);
+  const std::vector<at::Tensor> grads = gradients_like(q, k, v);
+  at::Tensor dq = maybe_poisoned(grads[0], poison), dk = maybe_poisoned(grads[1], poison), dv = maybe_poisoned(grads[2], poison);
   at::Tensor drow = shape.has_rel ? maybe_poisoned(at::empty_like(rows), poison) : at::Tensor();
   at::Tensor dcol = shape.has_rel ? maybe_poisoned(at::empty_like(cols), poison) : at::Tensor();
   const int64_t planes = static_cast<int64_t>(shape.batch) * shape.heads;
