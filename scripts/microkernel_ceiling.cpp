@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/contract.h"
+#include "cpu/backward.h"
 #include "cpu/peak.h"
 
 namespace {
@@ -98,10 +98,13 @@ std::vector<Row> ceiling(int64_t iterations) {
   rows.push_back(contraction<4>("contract q.k (4 rows, 19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
   rows.push_back(contraction<4>("contract a.v (4 rows, 16 x 19)", 16, 19, VectorAt<T>{key, 1, cs}, out, 2 * L, left, L, calls,
                                 true));
-  // backward: 2 rows; dP like q.k, dQ like a.v, dK / dV from the diagonal of the p / dS scratch
-  rows.push_back(contraction<2>("contract dP (2 rows, 19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
-  rows.push_back(contraction<2>("contract dK (2 rows, 16 x 19)", 16, 19, VectorAt<T>{key + 2 * L, -1, cs}, out, 2 * L,
-                                left, 3 * L + 1, calls));
+  // backward: the kernel's kBackwardGroupRows rows (backward.h); dP like q.k, dQ like a.v, dK / dV from the
+  // diagonal of the p / dS scratch
+  constexpr int G = kBackwardGroupRows;
+  const std::string rows_of = "(" + std::to_string(G) + " rows, ";
+  rows.push_back(contraction<G>("contract dP " + rows_of + "19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
+  rows.push_back(contraction<G>("contract dK " + rows_of + "16 x 19)", 16, 19, VectorAt<T>{key + 2 * L, -1, cs}, out,
+                                2 * L, left, 3 * L + 1, calls));
   TORCH_CHECK(sink == sink, "the loops' results are not finite");
   return rows;
 }
