@@ -15,11 +15,12 @@ tolerances). Status (README "What the committed results say"): the fastest atten
 every benchmark shape; SASA2d(128, 128, k=19) takes 1.4-1.5x a k = 3 convolution forward and 1.8-1.9x fwd+bwd
 on an AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extension's own matmul), 1.5x and
 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the physical FMA peak forward and 28-41%
-fwd+bwd on the Zen 5, 40-42% and 27-28% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met
+fwd+bwd on the Zen 5, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met
 forward in most cases on the Zen 5 and missed fwd+bwd. What bounds it: the contraction microkernel alone, on
-data in L1, runs at 50-70% of the FMA-only rate (the per-block set-up and drain against reductions of only
-D = 16 or k = 19 terms; in the backward four rows per block with AVX-512, two with AVX2), and the
-backward, 2.5x the forward's FMAs, takes 3-3.5x its time. The AVX2 build (the "avx2" variant,
+data in L1, runs at 50-74% of the FMA-only rate (the per-block set-up and drain against reductions of only
+D = 16 or k = 19 terms; in the backward four rows per block with AVX-512, two with AVX2), the backward, 2.5x
+the forward's FMAs, takes 2.5-2.6x its time on the Zen 5 and 3-3.2x on the Xeon, and the layer's autograd and
+Python around its kernels cost 13-18% of its fwd+bwd at batch 1. The AVX2 build (the "avx2" variant,
 -march=haswell) passes the reference checks in the tests on any AVX2 machine but has not been timed on an
 AVX2-only CPU since.
 
@@ -31,7 +32,8 @@ scripts/gpu_benchmark.py and the GPU tests of tests/test_native.py validate them
 
 Inputs may have any strides: inside SASA2d q, k, v are channel-major views, which the CPU kernel reads
 without a copy, and the output keeps q's memory format (``empty_like``), so the layer's head merge needs
-no copy either. The CUDA kernels take contiguous (B, heads, H, W, D) tensors (copied here if needed).
+no copy either; dq, dk, dv keep q, k, v's layout, as slices of one buffer where q, k, v are slices of one
+(the projection's product), so its gradient needs no concatenation (projection.concatenated_channels). The CUDA kernels take contiguous (B, heads, H, W, D) tensors (copied here if needed).
 The extensions are compiled on first use (``_native_build``).
 """
 from __future__ import annotations
