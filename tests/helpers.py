@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,13 @@ def random_inputs(batch, heads, height, width, head_dim, kernel_size, with_rel=T
         return q, k, v, None, None
     row_shape, col_shape = rel_shapes(heads, kernel_size, head_dim)
     return q, k, v, draw(*row_shape), draw(*col_shape)
+
+
+def like_a_terminal_job() -> None:
+    """Popen's preexec_fn for a command a test stops with Ctrl-C: SIGINT back to its default, as for a terminal's
+    foreground job. A test run started in the background (``cmd &`` in a script) inherits SIGINT ignored, which
+    Python keeps (no KeyboardInterrupt handler): the command would rightly never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def grads(output: torch.Tensor, inputs, cotangent: torch.Tensor) -> list:

@@ -21,7 +21,7 @@ from bench.runner import results_path, run_cases
 from bench.schema import Case
 from bench.store import append_row, prepare, read_rows
 
-from helpers import FAST, REPO, alive, descendants
+from helpers import FAST, REPO, alive, descendants, like_a_terminal_job
 
 CASE = Case("conv", 3, 8, 2, 8, 1, "float32", "cpu", "fwd")
 RUN = ["run", "--impl", "conv", "--k", "3", "--channels", "8", "--heads", "2", "--res", "8", "--direction", "fwd", "--quiet"]
@@ -113,7 +113,8 @@ def test_an_interrupted_sweep_ends_quietly_and_leaves_no_process(tmp_path, how):
     argv = [sys.executable, "-m", "bench.cli", "run", "--impl", "conv,t_hang", "--k", "3", "--channels", "8",
             "--heads", "2", "--res", "12", "--direction", "fwd", "--min-time", "0", "--max-time", "0.1", "--out", str(out)]
     runner = subprocess.Popen(argv, cwd=REPO, env={**os.environ, PLUGINS_ENV: str(plugin)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=like_a_terminal_job)
     deadline, workers = time.monotonic() + 120, set()
     while time.monotonic() < deadline and runner.poll() is None:
         workers = descendants(runner.pid)

@@ -30,7 +30,7 @@ from bench.runner import results_path, run_cases
 from bench.schema import Case, Status, case_key
 from bench.store import read_rows
 
-from helpers import FAST, REPO, alive, descendants, planted
+from helpers import FAST, REPO, alive, descendants, like_a_terminal_job, planted
 from test_faults import RUN
 from test_harness import PLUGIN as HARNESS_PLUGIN
 
@@ -279,7 +279,8 @@ def interrupted_sweep(tmp_path: Path, plugin: str, signum: int, *extra: str) -> 
             "--channels", "8", "--heads", "2", "--res", "12", "--direction", "fwd", "--threads", "1", "--min-time", "0",
             "--max-time", "0.1", "--out", str(out)]
     command = subprocess.Popen(argv, cwd=REPO, env={**os.environ, PLUGINS_ENV: plugin}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=like_a_terminal_job)
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline and command.poll() is None:
         time.sleep(0.5)
