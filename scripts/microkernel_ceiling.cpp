@@ -102,7 +102,8 @@ std::vector<Row> ceiling(int64_t iterations) {
   // diagonal of the p / dS scratch
   constexpr int G = kBackwardGroupRows;
   const std::string rows_of = "(" + std::to_string(G) + " rows, ";
-  rows.push_back(contraction<G>("contract dP " + rows_of + "19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
+  rows.push_back(contraction<G>("contract dP " + rows_of + "19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs,
+                                calls));
   rows.push_back(contraction<G>("contract dK " + rows_of + "16 x 19)", 16, 19, VectorAt<T>{key + 2 * L, -1, cs}, out,
                                 2 * L, left, 3 * L + 1, calls));
   TORCH_CHECK(sink == sink, "the loops' results are not finite");

@@ -10,8 +10,8 @@ at k = 19 (1 x 8 heads x 32 x 32 x 16, relative logits) at >= 50% of the physica
 fwd+bwd (the peak: the native extension's FMA-chain loop on the same threads, sasa-bench peak, timed in the same
 rounds as the op); the layer at
 k = 3 not slower than at k = 7; the layer's time outside the op <= 1.3x a conv of the projections' FLOPs at
-the conv's speed (forward, and fwd+bwd: the product's two gradients against the conv's); 2 threads vs 1 >= 1.8x on the op at k = 19; peak memory (fwd+bwd, 32x32, batch 8) at
-k = 19 within 1.3x of k = 3.
+the conv's speed (forward, and fwd+bwd: the product's two gradients against the conv's); 2 threads vs 1
+>= 1.8x on the op at k = 19; peak memory (fwd+bwd, 32x32, batch 8) at k = 19 within 1.3x of k = 3.
 
 Timing is the claim's (bench.interleave.time_rounds): rounds of 0.05 s blocks of calls per case, shuffled. Each
 comparison interleaves only its own calls: what runs just before a block changes its first call's time

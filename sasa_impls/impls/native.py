@@ -33,7 +33,8 @@ scripts/gpu_benchmark.py and the GPU tests of tests/test_native.py validate them
 Inputs may have any strides: inside SASA2d q, k, v are channel-major views, which the CPU kernel reads
 without a copy, and the output keeps q's memory format (``empty_like``), so the layer's head merge needs
 no copy either; dq, dk, dv keep q, k, v's layout, as slices of one buffer where q, k, v are slices of one
-(the projection's product), so its gradient needs no concatenation (projection.concatenated_channels). The CUDA kernels take contiguous (B, heads, H, W, D) tensors (copied here if needed).
+(the projection's product), so its gradient needs no concatenation (projection.concatenated_channels).
+The CUDA kernels take contiguous (B, heads, H, W, D) tensors (copied here if needed).
 The extensions are compiled on first use (``_native_build``).
 """
 from __future__ import annotations

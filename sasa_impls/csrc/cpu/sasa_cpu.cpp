@@ -146,7 +146,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   const at::Tensor grad = grad_out.to(q.scalar_type());
   const at::Tensor stats = lse.contiguous();
   const std::vector<at::Tensor> grads = gradients_like(q, k, v);
-  at::Tensor dq = maybe_poisoned(grads[0], poison), dk = maybe_poisoned(grads[1], poison), dv = maybe_poisoned(grads[2], poison);
+  at::Tensor dq = maybe_poisoned(grads[0], poison), dk = maybe_poisoned(grads[1], poison),
+             dv = maybe_poisoned(grads[2], poison);
   at::Tensor drow = shape.has_rel ? maybe_poisoned(at::empty_like(rows), poison) : at::Tensor();
   at::Tensor dcol = shape.has_rel ? maybe_poisoned(at::empty_like(cols), poison) : at::Tensor();
   const int64_t planes = static_cast<int64_t>(shape.batch) * shape.heads;
