@@ -112,16 +112,17 @@ def _error_lines(message: str) -> list[str]:
 
 
 @functools.cache
-def source_tree(device_type: str) -> tuple[str, Path]:
-    """(hash of the device's sources: the shared header and csrc/<device_type>, a copy of them in torch's
-    extension cache at a path named by that hash)."""
+def source_tree(device_type: str, csrc: Path = CSRC) -> tuple[str, Path]:
+    """(hash of the device's sources: the shared header and <csrc>/<device_type>, a copy of them in torch's
+    extension cache at a path named by that hash). ``csrc``: this package's sources, or another version's
+    (scripts/native_ab.py builds a commit's beside them)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    files = sorted(path.relative_to(CSRC) for path in CSRC.rglob("*")
-                   if path.is_file() and path.relative_to(CSRC).parts[0] in (SHARED_HEADER, device_type))
+    files = sorted(path.relative_to(csrc) for path in csrc.rglob("*")
+                   if path.is_file() and path.relative_to(csrc).parts[0] in (SHARED_HEADER, device_type))
     digest = hashlib.sha1()
     for path in files:
-        digest.update(path.as_posix().encode() + b"\0" + (CSRC / path).read_bytes() + b"\0")
+        digest.update(path.as_posix().encode() + b"\0" + (csrc / path).read_bytes() + b"\0")
     tag = digest.hexdigest()[:10]
     root = Path(get_default_build_root()) / "sasa_sources" / f"{device_type}_{tag}"
     if not root.exists():  # copy next to it, then rename: concurrent first uses never see half a tree
@@ -129,7 +130,7 @@ def source_tree(device_type: str) -> tuple[str, Path]:
         staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=root.parent))
         for path in files:
             (staging / "csrc" / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(CSRC / path, staging / "csrc" / path)
+            shutil.copy2(csrc / path, staging / "csrc" / path)
         try:
             os.rename(staging / "csrc", root)
         except OSError:  # another process got there first
@@ -226,11 +227,11 @@ def load_extension(name: str, sources: list[str], announce: str, **options):
         return cpp_extension.load(name=name, sources=sources, verbose=False, **options)
 
 
-def _build(device_type: str, name: str, sources: tuple[str, ...], **options):
+def _build(device_type: str, name: str, sources: tuple[str, ...], csrc: Path = CSRC, **options):
     problem = toolchain_problem(device_type)
     if problem:
         raise RuntimeError(f"sasa_impls: cannot build the native {device_type} kernel: {problem}")
-    tag, root = source_tree(device_type)
+    tag, root = source_tree(device_type, csrc)
     name = f"{name}_{environment_tag(tag, options)}"
     try:
         return load_extension(name, [str(root / s) for s in sources],
@@ -261,11 +262,12 @@ def cpu_build_options(variant: str = "") -> dict:
 
 
 @functools.cache
-def cpu_extension(variant: str = ""):
+def cpu_extension(variant: str = "", csrc: Path = CSRC):
     """The compiled CPU extension (``forward``, ``backward``), built on first use; ``variant`` names a
-    build of CPU_VARIANTS ("no_exp": results wrong by design, for profiling only)."""
+    build of CPU_VARIANTS ("no_exp": results wrong by design, for profiling only); ``csrc`` the sources (another
+    version's: scripts/native_ab.py)."""
     options = cpu_build_options(variant)
-    return _build("cpu", "sasa_native_cpu" + (f"_{variant}" if variant else ""), CPU_SOURCES, **options)
+    return _build("cpu", "sasa_native_cpu" + (f"_{variant}" if variant else ""), CPU_SOURCES, csrc, **options)
 
 
 @functools.cache
