@@ -9,7 +9,7 @@
 // The classic register-blocked kernel: a block of kRowBlock rows of C by kPanelVectors vectors of columns
 // lives in registers (24 of AVX-512's 32; 12 of AVX2's 16); per k, the panel's vectors are loaded once and
 // each row's A(m, k) broadcast once, feeding kPanelVectors FMAs. B is packed, a kDepth x panel-width slab at
-// a time, into a contiguous zero-padded buffer that stays in L1 while every row block of the task reads it
+// a time, into a contiguous zero-padded buffer that every row block of the task then streams through in order
 // (B's rows at a stride of H W floats would otherwise map to a few L1 sets). A is read in place through its
 // strides (W or W^T, a view). Every element of C is computed by one task, over k in increasing order: the
 // result does not depend on the thread count.
@@ -23,7 +23,11 @@ namespace sasa::cpu {
 
 inline constexpr int kRowBlock = 6;
 inline constexpr int kPanelVectors = kVectorBytes == 64 ? 4 : 2;
-inline constexpr int kDepth = 128;  // k per packed slab: 128 x 64 floats = 32 KB, within every L1 here
+// k per packed slab: 512 x 64 floats = 128 KB, in every L2 here (not L1: read in order, the prefetchers keep up).
+// Each slab reloads and stores the blocks of C, so the gradients' deep products (K = 3 d_out = 384 for dX, H W
+// for dW) want few: against slabs of 128 (32 KB, in L1) both gradients together took 0.86-0.89 of the time,
+// slabs of 64 1.12-1.14 (AMD Zen 4 family 25 model 17, 28 x 28 B = 1 to 32 x 32 B = 8, scripts/native_ab.py).
+inline constexpr int kDepth = 512;
 
 template <typename T>
 inline constexpr int kPanelWidth = kPanelVectors * kLanes<T>;
