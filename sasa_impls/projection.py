@@ -6,8 +6,8 @@ matrix product on the (B, d_in, H W) view (BLAS), and the native extension's mat
 the widest vectors the CPU has). Which is fastest depends on the shape, the libraries and the machine: the
 issue measured the conv and the BLAS product each 2-3x ahead of the other, and on AMD CPUs, where MKL runs
 AVX2 code, the native product at 2.6x MKL's rate (Zen 5, 384 x 128 by 128 x 1024: 354 against 134 GFLOP/s).
-So each layer shape is timed once with every backend that can run it, at first use, and the winner cached
-per (shape, dtype, device, memory format, training).
+So each layer shape is timed once with every backend that can run it, at first use, the candidates' calls
+interleaved in rounds, and the winner cached per (shape, dtype, device, memory format, training).
 """
 from __future__ import annotations
 
@@ -65,18 +65,24 @@ PROJECTION_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tens
 _CHOSEN_BACKEND: dict[tuple, str] = {}
 
 
-def _time_backend(fn: Callable[[], object], device: torch.device) -> float:
-    """Median seconds of ``fn()`` over a few calls (after one warm-up)."""
-    times = []
-    for _ in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+def _time_backends(calls: dict[str, Callable[[], object]], device: torch.device, rounds: int = 7) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed in ``rounds`` rounds that call each once, in an order
+    rotated every round, after one warm-up call each: drift of the machine and what ran just before a call then
+    fall on every candidate alike. (Timed one after another, six calls each, the matmul backend 20% slower than the
+    native one was picked at 28 x 28 in one run of two on an AMD Zen 4, and the 1x1 conv at batch 8 in another.)"""
+    names, times = list(calls), {name: [] for name in calls}
+    for fn in calls.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            calls[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _timed_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
@@ -124,8 +130,8 @@ def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     training = records_autograd(x, weight)
     key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training)
     if key not in _CHOSEN_BACKEND:
-        candidates = {name: PROJECTION_BACKENDS[name] for name in projection_candidates(x)}
-        seconds = {name: _time_backend(_timed_call(fn, x, weight, training), x.device) for name, fn in candidates.items()}
+        calls = {name: _timed_call(PROJECTION_BACKENDS[name], x, weight, training) for name in projection_candidates(x)}
+        seconds = _time_backends(calls, x.device)
         _CHOSEN_BACKEND[key] = min(seconds, key=seconds.get)
     return _CHOSEN_BACKEND[key]
 

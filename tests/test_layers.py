@@ -176,6 +176,29 @@ def test_projection_backend_is_measured_once_per_shape_and_mode(monkeypatch):
     assert timed == [True] * backends * 2 + [False] * backends
 
 
+def test_backend_choice_interleaves_its_candidates(monkeypatch):
+    """On a machine that slows down while it times (each call costs 5% more than the last), candidates timed one
+    after another look faster the earlier they come; timed in rounds, the truly faster one wins."""
+    clock, slowdown = [0.0], [1.0]
+
+    def call(cost):
+        def fn():
+            clock[0] += cost * slowdown[0]
+            slowdown[0] *= 1.05
+        return fn
+    monkeypatch.setattr(sasa_impls.projection.time, "perf_counter", lambda: clock[0])
+    calls = {"first": call(1.0), "second": call(0.8)}  # "second" is 20% faster
+    seconds = sasa_impls.projection._time_backends(calls, torch.device("cpu"))
+    assert min(seconds, key=seconds.get) == "second"
+    slowdown[0], sequential = 1.0, {}
+    for name, fn in calls.items():  # all calls of one candidate, then the other's
+        start = clock[0]
+        for _ in range(7):
+            fn()
+        sequential[name] = clock[0] - start
+    assert min(sequential, key=sequential.get) == "first"  # the drift that misleads sequential timing
+
+
 @pytest.mark.parametrize("layer", [sasa_impls.SASA2d(8, 8, 3, heads=2), sasa_impls.AttentionStem(3, 8, heads=2, pool=2)],
                          ids=["SASA2d", "AttentionStem"])
 @pytest.mark.parametrize("shape", [(8, 6, 6), (1, 1, 8, 6, 6)])
