@@ -79,13 +79,14 @@ def sources(version: str, into: Path) -> Path:
 
 
 def inputs(case: Case) -> tuple:
-    """q, k, v as SASA2d passes them (channel-major slices of one (B, 3C, H, W) product), the embeddings."""
+    """q, k, v as SASA2d passes them (channel-major slices of one (B, 3C, H, W) product), the embeddings, and a
+    gradient of the output for the backward (both versions get the same)."""
     channels = HEADS * HEAD_DIM
     product = torch.randn(case.batch, 3 * channels, case.resolution, case.resolution)
     qkv = [t.reshape(case.batch, HEADS, HEAD_DIM, case.resolution, case.resolution).permute(0, 1, 3, 4, 2)
            for t in product.split(channels, dim=1)]  # each (B, heads, H, W, D), channel-major
     rel = (torch.randn(HEADS, case.kernel_size, HEAD_DIM // 2), torch.randn(HEADS, case.kernel_size, HEAD_DIM - HEAD_DIM // 2))
-    return (*qkv, *rel)
+    return (*qkv, *rel, torch.randn_like(qkv[0]))
 
 
 def product_inputs(case: Case) -> tuple:
@@ -104,11 +105,11 @@ def kernel_call(extension, case: Case, args: tuple) -> Callable[[], tuple]:
     if case.direction == "mmbwd":  # projection.py's _NativeProduct.backward
         weight, x, grad = args
         return lambda: (extension.matmul(weight.t()[None], grad, False), extension.matmul(grad, x.transpose(1, 2), True))
+    *operands, grad = args
     if case.direction == "fwd":
-        return lambda: tuple(extension.forward(*args, k, 1.0, False, 0))
-    out, lse = extension.forward(*args, k, 1.0, False, 0)
-    grad = torch.randn_like(out)
-    return lambda: tuple(extension.backward(grad, *args, out, lse, k, 1.0, False, 0))
+        return lambda: tuple(extension.forward(*operands, k, 1.0, False, 0))
+    out, lse = extension.forward(*operands, k, 1.0, False, 0)  # this version's own, as its backward would get them
+    return lambda: tuple(extension.backward(grad, *operands, out, lse, k, 1.0, False, 0))
 
 
 def compare_bits(base: tuple, new: tuple) -> str:
