@@ -159,7 +159,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     for (int t = 0; t < bands.count(); ++t)
       halo_offset[t + 1] = halo_offset[t] + halo_end(shape, bands, t) - halo_begin(shape, bands, t);
     const auto acc_options = q.options().dtype(stats.scalar_type());
-    at::Tensor halo = at::empty({planes * halo_offset.back() * halo_row_size<T>(shape)}, acc_options);
+    // the bands' halo rows, summed by reduce_key_row; one band per plane keeps its halo in its workspace
+    at::Tensor halo = at::empty({bands.count() > 1 ? planes * halo_offset.back() * halo_row_size<T>(shape) : 0}, acc_options);
     at::Tensor partial = at::empty({shape.has_rel ? tasks * shape.kernel_size * shape.channels : 0}, acc_options);
     const BackwardArgs<scalar_t, T> args{
         view5<const scalar_t>(q), view5<const scalar_t>(k), view5<const scalar_t>(v), view5<const scalar_t>(out),
