@@ -15,7 +15,7 @@ were kept in registers (GCC had folded their loads into every FMA), then at 70-9
 (family 26 model 2, full-width AVX-512) the loaded loops ran at 89-112% (split loads cost nothing there) and the
 contraction at 67-70% with 4 rows, 50-63% with 2: what it loses is the per-block set-up and drain against
 reductions of 16 or 19 terms (a reduction of 38 terms: 65-78%), which is why the backward takes 4 x 4 rows there.
-The backward's rows are timed at its own group (kBackwardGroupRows: 4 with AVX-512, 2 with AVX2); on the Zen 5 at
+The backward's rows are timed at its own group (kBackwardGroupRows: 4 with AVX-512, 3 with AVX2); on the Zen 5 at
 1274ed3: q.k 70%, a.v 72%, dP 70%, dK 74%.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ def ceiling():
 
 def test_contraction_rows_count_the_kernels_flops(ceiling):
     avx512 = "avx512f" in _native_build.cpu_flags().split()
-    lanes, g = (16, 4) if avx512 else (8, 2)  # the backward's rows per group: 4 with AVX-512, else 2 (backward.h)
+    lanes, g = (16, 4) if avx512 else (8, 3)  # the backward's rows per group: 4 with AVX-512, else 3 (backward.h)
     rows = {name: flops for name, flops, _ in ceiling.extension().ceiling(1000)}
     for name, (count, m, n) in {"contract q.k (4 rows, 19 x 16)": (4, 19, 16), "contract a.v (4 rows, 16 x 19)": (4, 16, 19),
                                 f"contract dP ({g} rows, 19 x 16)": (g, 19, 16),

@@ -5,7 +5,7 @@ Models", NeurIPS 2019) with the contract's masked borders and factorized relativ
 
 CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native),
 parallel over (batch, head, row band) tasks on ATen's threads. Per query block (a vector of consecutive
-pixels of one row; four rows at a time forward, four or two backward: csrc/cpu/backward.h) it walks the key rows of the window with an online softmax,
+pixels of one row; four rows at a time with AVX-512, three with AVX2: csrc/cpu/forward.h, backward.h) it walks the key rows of the window with an online softmax,
 computing the logits of all k column offsets from shifted loads of a packed key row; relative logits
 are factorized (k D MACs per pixel); nothing of size k^2 per pixel is stored (memory O(HW C); the
 forward's scratch does not grow with the band). The backward recomputes the probabilities from the

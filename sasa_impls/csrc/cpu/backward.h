@@ -31,12 +31,15 @@ namespace sasa::cpu {
 //   1 and 8; k = 7 0.93), 4 x 2 0.93-0.94, 2 x 4 0.95;
 // - the same CPU, AVX2 build (16 registers): 4 x 4 1.19-1.21, 4 x 2 1.15;
 // - Intel Xeon family 6 model 167 (AVX-512): 4 x 4 0.93-0.99 (0.94 on 1 thread; k = 7 0.98-0.99); an
-//   earlier kernel had read 1.07 there (4 x 2 1.01-1.02, 2 x 4 0.98).
-// So every CPU with AVX-512 (32 vector registers) takes 4 x 4, AVX2 2 x 2.
+//   earlier kernel had read 1.07 there (4 x 2 1.01-1.02, 2 x 4 0.98);
+// - AMD EPYC Zen 4 (family 25 model 17, AVX-512 on 256-bit units): 2 x 2 1.04-1.07, 4 x 2 1.00-1.05, 2 x 4
+//   1.03-1.04 of 4 x 4's time; its AVX2 build, against 2 x 2: 3 x 3 0.91-0.93 (k = 7 0.93, k = 3 0.97; 3 rows x
+//   4 outputs and their 3 left vectors fill AVX2's 16 registers), 3 x 2 0.95-0.99, 2 x 3 0.97.
+// So every CPU with AVX-512 (32 vector registers) takes 4 x 4, AVX2 3 x 3.
 #if defined(__AVX512F__)
 inline constexpr int kBackwardGroupRows = 4, kBackwardKeyRows = 4;
 #else
-inline constexpr int kBackwardGroupRows = 2, kBackwardKeyRows = 2;
+inline constexpr int kBackwardGroupRows = 3, kBackwardKeyRows = 3;
 #endif
 
 template <typename S, typename T>

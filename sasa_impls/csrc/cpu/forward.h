@@ -17,9 +17,18 @@
 
 namespace sasa::cpu {
 
-// Query rows per group: each load of a shifted key or value row feeds the FMAs of up to 4 rows (4 rows x
-// 4 outputs fill the 16 accumulators of a block); measured 8% faster forward at k = 19 than 2 rows.
+// Query rows per group: each load of a shifted key or value row feeds the FMAs of every row of the group. With
+// AVX-512, 4 rows x 4 outputs fill a block's 16 accumulators (measured 8% faster forward at k = 19 than 2 rows;
+// 3 rows 1.00-1.02 on an AMD Zen 4). AVX2's 16 registers hold 3 rows x 4 outputs with the 3 left vectors and the
+// right one; at 4 rows x 3 outputs the left vectors do not fit and GCC folds their loads into every FMA: on an
+// AMD Zen 4 (family 25 model 17), whose 256-bit and 512-bit FMA rates are equal, the AVX2 build took 1.66-1.70x
+// the AVX-512 build's time at k = 19 with 4 rows; 3 rows took 0.69-0.76 of that (k = 7 0.87, k = 3 1.06), 2 rows
+// 0.75-0.80 (AVX2-only CPUs not at hand).
+#if defined(__AVX512F__)
 inline constexpr int kGroupRows = 4;
+#else
+inline constexpr int kGroupRows = 3;
+#endif
 
 // Default band of the forward: whole groups, as few bands per (batch, head) plane as give each thread
 // about 4 tasks. Each band packs its halo of 2r key rows again (at k = 19, 28x28, the backward's band of
