@@ -29,15 +29,20 @@ Row timed(const std::string& name, double flops, int64_t calls, const Fn& fn) {
   return {name, flops, seconds / static_cast<double>(calls)};
 }
 
-// 16 accumulators; per iteration 16 FMAs acc = acc * x + m (as fma_chains: no two share a product), each x
-// one of LOADS vectors loaded that iteration at ``offset`` elements past a 64-byte boundary (0: aligned; 3:
-// every load spans two cache lines), 4 KB of data; m from ``seed``, new per call (the loop is a pure
+// kLoadedChains accumulators (16, or 8 where the ISA has 16 registers: they, the loaded vectors and m must all
+// stay in registers); per iteration kLoadedChains FMAs acc = acc * x + m (as fma_chains: no two share a product),
+// each x one of LOADS vectors loaded that iteration at ``offset`` elements past a 64-byte boundary (0: aligned;
+// 3: every load spans two cache lines), 4 KB of data; m from ``seed``, new per call (the loop is a pure
 // function: a repeated call with the same arguments could be elided).
+constexpr int kLoadedChains = kRegisters == 32 ? 16 : 8;
+
 template <int LOADS>
 __attribute__((noinline)) T loaded_fmas(const T* buffer, int64_t iterations, int offset, T seed) {
-  Vec<T> acc[16], x[LOADS];  // every loop unrolled, so that both arrays live in registers
+  constexpr int C = kLoadedChains;
+  static_assert(C + LOADS + 1 <= kRegisters, "the accumulators, loaded vectors and m must fit in the registers");
+  Vec<T> acc[C], x[LOADS];  // every loop unrolled, so that both arrays live in registers
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) acc[i] = splat(seed + static_cast<T>(i));  // distinct: no two chains merge
+  for (int i = 0; i < C; ++i) acc[i] = splat(seed + static_cast<T>(i));  // distinct: no two chains merge
   Vec<T> m = splat(static_cast<T>(1e-7) * seed);
   asm("" : "+v"(m));
   for (int64_t it = 0; it < iterations; ++it) {
@@ -48,11 +53,11 @@ __attribute__((noinline)) T loaded_fmas(const T* buffer, int64_t iterations, int
       asm("" : "+v"(x[l]));  // one register load per vector, not folded into each FMA that reads it
     }
 #pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) acc[i] = acc[i] * x[i % LOADS] + m;
+    for (int i = 0; i < C; ++i) acc[i] = acc[i] * x[i % LOADS] + m;
   }
   Vec<T> total = acc[0];
 #pragma GCC unroll 16
-  for (int i = 1; i < 16; ++i) total += acc[i];
+  for (int i = 1; i < C; ++i) total += acc[i];
   return hsum(total);
 }
 
@@ -85,26 +90,31 @@ std::vector<Row> ceiling(int64_t iterations) {
   volatile T sink = 0;
   T seed = 0;  // a new argument per call: the loops are pure functions, and a repeated call could be elided
   std::vector<Row> rows;
-  const double fma_flops = 2.0 * 16 * L * iterations;
+  constexpr int C = kLoadedChains;
+  const double fma_flops = 2.0 * C * L * iterations;
   rows.push_back(timed("FMAs only (kPeakChains chains)", fma_chain_flops<T>(iterations), 1,
                        [&] { sink = sink + fma_chains<T>(iterations, seed += 1); }));
-  rows.push_back(timed("16 FMAs + 4 aligned loads", fma_flops, 1, [&] { sink = sink + loaded_fmas<4>(aligned, iterations, 0, seed += 1); }));
-  rows.push_back(timed("16 FMAs + 8 aligned loads", fma_flops, 1, [&] { sink = sink + loaded_fmas<8>(aligned, iterations, 0, seed += 1); }));
-  rows.push_back(timed("16 FMAs + 4 split loads", fma_flops, 1, [&] { sink = sink + loaded_fmas<4>(aligned, iterations, 3, seed += 1); }));
-  rows.push_back(timed("16 FMAs + 8 split loads", fma_flops, 1, [&] { sink = sink + loaded_fmas<8>(aligned, iterations, 3, seed += 1); }));
+  const auto loaded = [&](int loads, const char* kind) {
+    return std::to_string(C) + " FMAs + " + std::to_string(loads) + " " + kind + " loads";
+  };
+  rows.push_back(timed(loaded(C / 4, "aligned"), fma_flops, 1, [&] { sink = sink + loaded_fmas<C / 4>(aligned, iterations, 0, seed += 1); }));
+  rows.push_back(timed(loaded(C / 2, "aligned"), fma_flops, 1, [&] { sink = sink + loaded_fmas<C / 2>(aligned, iterations, 0, seed += 1); }));
+  rows.push_back(timed(loaded(C / 4, "split"), fma_flops, 1, [&] { sink = sink + loaded_fmas<C / 4>(aligned, iterations, 3, seed += 1); }));
+  rows.push_back(timed(loaded(C / 2, "split"), fma_flops, 1, [&] { sink = sink + loaded_fmas<C / 2>(aligned, iterations, 3, seed += 1); }));
   const int64_t cs = 4 * L, calls = std::max<int64_t>(1, iterations / 32);  // a packed row's channel stride
   const T* key = row.data() + 2 * L;
-  // forward q.k: 4 query rows, k = 19 column offsets, D = 16 channels; a.v: 16 channels, 19 offsets
-  rows.push_back(contraction<4>("contract q.k (4 rows, 19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs, calls));
-  rows.push_back(contraction<4>("contract a.v (4 rows, 16 x 19)", 16, 19, VectorAt<T>{key, 1, cs}, out, 2 * L, left, L, calls,
-                                true));
-  // backward: the kernel's kBackwardGroupRows rows (backward.h); dP like q.k, dQ like a.v, dK / dV from the
-  // diagonal of the p / dS scratch
-  constexpr int G = kBackwardGroupRows;
-  const std::string rows_of = "(" + std::to_string(G) + " rows, ";
-  rows.push_back(contraction<G>("contract dP " + rows_of + "19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs,
+  // each at the kernel's own group of rows: forward kGroupRows (forward.h), backward kBackwardGroupRows (backward.h)
+  const auto rows_of = [](int rows) { return "(" + std::to_string(rows) + " rows, "; };
+  // forward q.k: k = 19 column offsets, D = 16 channels; a.v: 16 channels, 19 offsets
+  constexpr int F = kGroupRows, G = kBackwardGroupRows;
+  rows.push_back(contraction<F>("contract q.k " + rows_of(F) + "19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs,
                                 calls));
-  rows.push_back(contraction<G>("contract dK " + rows_of + "16 x 19)", 16, 19, VectorAt<T>{key + 2 * L, -1, cs}, out,
+  rows.push_back(contraction<F>("contract a.v " + rows_of(F) + "16 x 19)", 16, 19, VectorAt<T>{key, 1, cs}, out, 2 * L,
+                                left, L, calls, true));
+  // backward: dP like q.k, dQ like a.v, dK / dV from the diagonal of the p / dS scratch
+  rows.push_back(contraction<G>("contract dP " + rows_of(G) + "19 x 16)", 19, 16, Shifted<T>{key, cs}, out, L, left, cs,
+                                calls));
+  rows.push_back(contraction<G>("contract dK " + rows_of(G) + "16 x 19)", 16, 19, VectorAt<T>{key + 2 * L, -1, cs}, out,
                                 2 * L, left, 3 * L + 1, calls));
   TORCH_CHECK(sink == sink, "the loops' results are not finite");
   return rows;
