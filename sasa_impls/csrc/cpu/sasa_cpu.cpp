@@ -230,7 +230,8 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce) {
       return Matrix<T>{t.data_ptr<T>() + image * batch_stride, t.stride(1), t.stride(2)};
     };
     T* out = c.data_ptr<T>();
-    run_tasks(reduce ? panels * chunks : batch * panels, [&] { return VecBuffer<T>(kDepth * kPanelVectors); },
+    const int64_t depth = std::min<int64_t>(kDepth, K);  // the slab, per thread: no deeper than the product
+    run_tasks(reduce ? panels * chunks : batch * panels, [&] { return VecBuffer<T>(depth * kPanelVectors); },
               [&](VecBuffer<T>& slab, int64_t task) {
                 const int64_t panel = task % panels, n0 = panel * P;
                 const int width = static_cast<int>(std::min<int64_t>(P, N - n0));
