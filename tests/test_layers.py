@@ -176,6 +176,14 @@ def test_projection_backend_is_measured_once_per_shape_and_mode(monkeypatch):
     assert timed == [True] * backends * 2 + [False] * backends
 
 
+def test_backends_within_the_tie_take_the_preferred_one():
+    pick = sasa_impls.projection.fastest_preferred
+    assert pick({"conv": 1.0, "matmul": 0.98, "native": 1.02}) == "native"  # a tie: the extension's matmul
+    assert pick({"conv": 1.0, "matmul": 0.9, "native": 1.0}) == "matmul"  # 10% faster is no tie
+    assert pick({"conv": 0.5, "matmul": 1.0}) == "conv"  # native not a candidate (non-contiguous x, fp16, ...)
+    assert pick({"conv": 1.0, "matmul": 1.04}) == "matmul"
+
+
 def test_backend_choice_interleaves_its_candidates(monkeypatch):
     """On a machine that slows down while it times (each call costs 5% more than the last), candidates timed one
     after another look faster the earlier they come; timed in rounds, the truly faster one wins."""
