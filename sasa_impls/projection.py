@@ -93,7 +93,8 @@ def fastest_preferred(seconds: dict[str, float]) -> str:
     """The backend of ``seconds`` (name -> seconds per call) to use: the first in PREFERENCE of those within TIE of
     the fastest (timing noise between the VM's passes is larger than that)."""
     fastest = min(seconds.values())
-    return next(name for name in PREFERENCE if name in seconds and seconds[name] <= (1 + TIE) * fastest)
+    order = [name for name in PREFERENCE if name in seconds] + [name for name in seconds if name not in PREFERENCE]
+    return next(name for name in order if seconds[name] <= (1 + TIE) * fastest)
 
 
 def _timed_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor,

@@ -182,6 +182,7 @@ def test_backends_within_the_tie_take_the_preferred_one():
     assert pick({"conv": 1.0, "matmul": 0.9, "native": 1.0}) == "matmul"  # 10% faster is no tie
     assert pick({"conv": 0.5, "matmul": 1.0}) == "conv"  # native not a candidate (non-contiguous x, fp16, ...)
     assert pick({"conv": 1.0, "matmul": 1.04}) == "matmul"
+    assert pick({"matmul": 1.0, "new": 0.5}) == "new"  # a backend PREFERENCE does not name still wins outright
 
 
 def test_backend_choice_interleaves_its_candidates(monkeypatch):
