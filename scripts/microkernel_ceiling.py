@@ -57,12 +57,12 @@ def ceiling_rows(iterations: int, variant: str = "") -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=float, default=2e7, help="rounds of each FMA loop (default 2e7)")
-    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+    parser.add_argument("--isa", choices=sorted(_native_build.ISA_VARIANTS), default="native",
                         help="the build: this CPU's widest ISA (default), or the AVX2 code path")
     args = parser.parse_args()
     if not args.iterations >= 1:
         raise SystemExit(f"--iterations: expected a positive number, got {args.iterations:g}")
-    rows = ceiling_rows(int(args.iterations), "" if args.isa == "native" else args.isa)
+    rows = ceiling_rows(int(args.iterations), _native_build.ISA_VARIANTS[args.isa])
     peak = rows[0][1]
     print(f"{cpu_machine_id()}, {args.isa} build, one thread, fp32")
     for name, rate in rows:

@@ -10,8 +10,9 @@ the effects measured between two runs, never within a round.
 A case of the op is direction:k:resolution:batch (8 heads of 16 channels, relative logits, q, k, v channel-major
 slices of one product as SASA2d passes them); ``fwd`` times the forward kernel, ``bwd`` the backward kernel alone
 (on the forward's output and log-sum-exp). A case of SASA2d(128, 128)'s projection product (csrc/cpu/gemm.h) is
-mm:resolution:batch (the forward product) or mmbwd:resolution:batch (its two gradients). Per case: both medians, new / base (the median over rounds of the ratio in
-the round, with a 95% bootstrap interval) and whether the two versions' results have the same bits.
+mm:resolution:batch (the forward product) or mmbwd:resolution:batch (its two gradients). Per case: both medians,
+new / base (the median over rounds of the ratio in the round, with a 95% bootstrap interval) and whether the two
+versions' results have the same bits.
 """
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ def main() -> None:
     parser.add_argument("--case", action="append", help=f"direction:k:resolution:batch, repeatable (default: {', '.join(DEFAULT_CASES)})")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per case (default 3)")
-    parser.add_argument("--isa", choices=sorted(v or "native" for v in _native_build.CPU_VARIANTS if v != "no_exp"),
-                        default="native", help="build both versions for this machine (native) or for AVX2")
+    parser.add_argument("--isa", choices=sorted(_native_build.ISA_VARIANTS), default="native",
+                        help="build both versions for this machine (native) or for AVX2")
     args = parser.parse_args()
     try:
         cases = [Case.parse(text) for text in args.case or DEFAULT_CASES]
@@ -137,7 +138,7 @@ def main() -> None:
         parser.error(f"--threads: expected a positive int, got {args.threads}")
     if not args.seconds > 0:
         parser.error(f"--seconds: expected a positive number, got {args.seconds:g}")
-    variant = "" if args.isa == "native" else args.isa
+    variant = _native_build.ISA_VARIANTS[args.isa]
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="native_ab.") as scratch:

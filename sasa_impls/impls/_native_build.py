@@ -249,6 +249,8 @@ def _build(device_type: str, name: str, sources: tuple[str, ...], csrc: Path = C
 # design), "avx2" the AVX2 code path on a machine that has more (tests/test_native.py checks it where the CPU
 # has AVX-512, so the path an AVX2-only CPU would build is never untested).
 CPU_VARIANTS = {"": ("-march=native",), "no_exp": ("-march=native", "-DSASA_PROFILE_NO_EXP"), "avx2": ("-march=haswell",)}
+# The scripts' --isa choices (native_ab, microkernel_ceiling) and the CPU_VARIANTS build each names.
+ISA_VARIANTS = {"native": "", "avx2": "avx2"}
 
 
 def cpu_build_options(variant: str = "") -> dict:

@@ -50,7 +50,7 @@ struct BackwardArgs {
   const T* lse;  // (B, heads, H, W) contiguous
   T scale;
   Tensor5<S> dq, dk, dv;
-  T* halo;                     // every task's halo rows: [rows][dK, dV][D][padded W]; null with one band per plane
+  T* halo;                     // every task's halo rows: [rows][dK, dV][D][padded W]; unused with one band per plane
   const int64_t* halo_offset;  // first halo row of band t within one (batch, head), t <= band count
   T* rel_partial;              // (tasks, k, D): per-task relative gradients, or nullptr
 };
@@ -105,7 +105,7 @@ struct BackwardWorkspace {
         dq(static_cast<size_t>(band) * s.channels * wp),
         logits(kBackwardGroupRows * s.kernel_size),
         dp(kBackwardGroupRows * s.kernel_size),
-        plane_halo(band >= s.height ? s.height * halo_row_size<T>(s) : 0) {}
+        plane_halo(Bands{s.height, band}.count() == 1 ? s.height * halo_row_size<T>(s) : 0) {}
 
   // p or dS of (query row g, key row a0 + e) of the current groups, at query column -margin
   T* pair(VecBuffer<T>& scratch, int g, int e) { return scratch.data() + (g * kBackwardKeyRows + e) * pair_size; }
