@@ -10,7 +10,10 @@ the effects measured between two runs, never within a round.
 A case of the op is direction:k:resolution:batch (8 heads of 16 channels, relative logits, q, k, v channel-major
 slices of one product as SASA2d passes them); ``fwd`` times the forward kernel, ``bwd`` the backward kernel alone
 (on the forward's output and log-sum-exp). A case of SASA2d(128, 128)'s projection product (csrc/cpu/gemm.h) is
-mm:resolution:batch (the forward product) or mmbwd:resolution:batch (its two gradients). Per case: both medians,
+mm:resolution:batch (the forward product) or mmbwd:resolution:batch (its two gradients). A case of SASA2d's kernels
+in the order its step calls them, each on the previous one's outputs (where a kernel finds its operands: which
+core's caches, after which writes), is chain:k:resolution:batch (the product, then the op's forward on its slices)
+or chainbwd:k:resolution:batch (then the op's backward and the product's two gradients). Per case: both medians,
 new / base (the median over rounds of the ratio in the round, with a 95% bootstrap interval) and whether the two
 versions' results have the same bits.
 """
@@ -30,17 +33,19 @@ import torch
 from bench.env import cpu_machine_id
 from bench.interleave import InterleaveSettings, ratio_interval, time_rounds
 from sasa_impls.impls import _native_build
+from sasa_impls.projection import concatenated_channels
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADS, HEAD_DIM = 8, 16
 WORKTREE = "worktree"  # the version name of this checkout's sources, as they are on disk
 DEFAULT_CASES = ("fwd:19:28:1", "bwd:19:28:1", "fwd:19:32:1", "bwd:19:32:1", "fwd:19:28:8", "bwd:19:28:8",
                  "fwd:7:32:1", "bwd:7:32:1", "fwd:3:32:1", "bwd:3:32:1")
+DIRECTIONS = ("fwd", "bwd", "mm", "mmbwd", "chain", "chainbwd")
 
 
 @dataclass(frozen=True)
 class Case:
-    direction: str  # "fwd" or "bwd" (the op), "mm" or "mmbwd" (the projection's product)
+    direction: str  # "fwd" or "bwd" (the op), "mm" or "mmbwd" (the projection's product), "chain" or "chainbwd"
     kernel_size: int  # 0 for the product
     resolution: int
     batch: int
@@ -57,8 +62,8 @@ class Case:
             raise ValueError(f"--case: expected direction:k:resolution:batch (e.g. bwd:19:28:1) or mm[bwd]:resolution:batch, "
                              f"got {text!r}") from None
         k, res, batch = [0, *sizes] if product else sizes
-        if parts[0] not in ("fwd", "bwd", "mm", "mmbwd") or (not product and (k < 1 or k % 2 == 0)) or res < 1 or batch < 1:
-            raise ValueError(f"--case: expected fwd, bwd, mm or mmbwd, an odd k >= 1 and positive sizes, got {text!r}")
+        if parts[0] not in DIRECTIONS or (not product and (k < 1 or k % 2 == 0)) or res < 1 or batch < 1:
+            raise ValueError(f"--case: expected one of {', '.join(DIRECTIONS)}, an odd k >= 1 and positive sizes, got {text!r}")
         return cls(parts[0], k, res, batch)
 
     def __str__(self) -> str:
@@ -97,9 +102,43 @@ def product_inputs(case: Case) -> tuple:
             torch.randn(case.batch, 3 * channels, pixels))
 
 
+def chain_inputs(case: Case) -> tuple:
+    """The projection's weight and input (product_inputs), the embeddings and the op's output gradient (inputs)."""
+    weight, x, _ = product_inputs(case)
+    *_, rel_row, rel_col, grad = inputs(case)
+    return weight, x, rel_row, rel_col, grad
+
+
+def chain_call(extension, case: Case, args: tuple) -> Callable[[], tuple]:
+    """SASA2d's kernels in its step's order, each on the previous one's outputs, as the layer passes them
+    (sasa_impls/layers.py, projection.py): q, k, v channel-major slices of the product; the gradients of the
+    three slices one (B, 3C, H W) tensor where the op's backward wrote them so."""
+    weight, x, rel_row, rel_col, grad = args
+    k, channels, batch, res = case.kernel_size, HEADS * HEAD_DIM, case.batch, case.resolution
+
+    def split_heads(t: torch.Tensor) -> torch.Tensor:  # (B, C, H W) -> (B, heads, H, W, D)
+        return t.reshape(batch, HEADS, HEAD_DIM, res, res).permute(0, 1, 3, 4, 2)
+
+    def call() -> tuple:
+        product = extension.matmul(weight[None], x, False)  # (B, 3C, H W)
+        q, key, v = (split_heads(t) for t in product.split(channels, dim=1))
+        out, lse = extension.forward(q, key, v, rel_row, rel_col, k, 1.0, False, 0)
+        if case.direction == "chain":
+            return out, lse
+        dq, dk, dv, *rel_grads = extension.backward(grad, q, key, v, rel_row, rel_col, out, lse, k, 1.0, False, 0)
+        merged = [t.permute(0, 1, 4, 2, 3).reshape(batch, channels, res * res) for t in (dq, dk, dv)]
+        shape = (batch, 3 * channels, res * res)
+        grad_product = concatenated_channels(merged, torch.Size(shape), torch.empty(shape).stride(), (channels,) * 3)
+        return (out, *rel_grads, extension.matmul(weight.t()[None], grad_product, False),
+                extension.matmul(grad_product, x.transpose(1, 2), True))
+    return call
+
+
 def kernel_call(extension, case: Case, args: tuple) -> Callable[[], tuple]:
     """One call of ``extension``'s kernel for ``case`` (default bands), returning its results."""
     k = case.kernel_size
+    if case.direction.startswith("chain"):
+        return chain_call(extension, case, args)
     if case.direction == "mm":
         weight, x, _ = args
         return lambda: (extension.matmul(weight[None], x, False),)
@@ -146,7 +185,8 @@ def main() -> None:
     print(f"{cpu_machine_id()}, {args.isa} build, fp32, {args.threads} threads; base {args.base}, new {args.new}")
     settings = InterleaveSettings(rounds=max(6, round(args.seconds / (2 * 0.05))), block_s=0.05, workers=1)
     for case in cases:
-        data = product_inputs(case) if case.direction.startswith("mm") else inputs(case)
+        data = (product_inputs if case.direction.startswith("mm") else
+                chain_inputs if case.direction.startswith("chain") else inputs)(case)
         base, new = (kernel_call(ext, case, data) for ext in extensions)
         bits = compare_bits(base(), new())
         base_s, new_s = time_rounds([base, new], settings)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sasa_impls
 from sasa_impls.impls import _native_build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,21 +28,51 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_every_case_gets_a_ratio_and_its_bits():
     """This checkout against itself (one build, no compile beyond the op's own): every kind of case is timed, and
     the two sides, the same code, give the same bits."""
-    cases = ["fwd:3:8:1", "bwd:5:9:2", "mm:6:1", "mmbwd:5:2"]
+    cases = ["fwd:3:8:1", "bwd:5:9:2", "mm:6:1", "mmbwd:5:2", "chain:3:8:1", "chainbwd:5:7:2"]
     result = run("worktree", *(f"--case={c}" for c in cases), "--seconds", "0.2", "--threads", "1")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "new/base" in line]
-    assert [line.split()[0] for line in lines] == ["fwd", "bwd", "mm", "mmbwd"]
+    assert [line.split()[0] for line in lines] == ["fwd", "bwd", "mm", "mmbwd", "chain", "chainbwd"]
     for line in lines:
         ratio, low, high = map(float, re.search(r"new/base ([\d.]+) \[([\d.]+), ([\d.]+)\]", line).groups())
         assert 0 < low <= ratio <= high and line.endswith("same bits")
 
 
-def test_different_results_are_reported_as_such():
+def load_script():
     spec = importlib.util.spec_from_file_location("native_ab", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
+    return module
+
+
+def test_the_chain_computes_what_the_layer_computes():
+    """chainbwd's kernels, called as the script calls them, give SASA2d's output and gradients (native impl, the
+    same weights, input and output gradient): the chain times the layer's work, not some other."""
+    module = load_script()
+    case = module.Case.parse("chainbwd:5:7:2")
+    weight, x, rel_row, rel_col, grad = module.chain_inputs(case)
+    out, drow, dcol, dx, dw = module.chain_call(_native_build.cpu_extension(), case, (weight, x, rel_row, rel_col, grad))()
+    channels = module.HEADS * module.HEAD_DIM
+    layer = sasa_impls.SASA2d(channels, channels, 5, module.HEADS, impl="native")
+    with torch.no_grad():
+        for conv, w in zip((layer.query, layer.key, layer.value), weight.split(channels)):
+            conv.weight.copy_(w[:, :, None, None])
+        layer.rel.rel_row.copy_(rel_row)
+        layer.rel.rel_col.copy_(rel_col)
+    image = x.reshape(2, channels, 7, 7).clone().requires_grad_()
+    y = layer(image)
+    y.backward(grad.permute(0, 1, 4, 2, 3).reshape(y.shape))
+    torch.testing.assert_close(out.permute(0, 1, 4, 2, 3).reshape(y.shape), y.detach())
+    torch.testing.assert_close(drow, layer.rel.rel_row.grad)
+    torch.testing.assert_close(dcol, layer.rel.rel_col.grad)
+    torch.testing.assert_close(dx.reshape(image.shape), image.grad)
+    stacked = torch.cat([conv.weight.grad.flatten(1) for conv in (layer.query, layer.key, layer.value)])
+    torch.testing.assert_close(dw, stacked)
+
+
+def test_different_results_are_reported_as_such():
+    module = load_script()
     a = (torch.randn(4, 5), torch.randn(3))
     assert module.compare_bits(a, tuple(t.clone() for t in a)) == "same bits"
     nudged = (a[0], a[1] + 1e-3 * a[1].abs().max())
@@ -49,7 +80,7 @@ def test_different_results_are_reported_as_such():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["worktree", "--case", "fwd:4:8:1"], "--case: expected fwd, bwd, mm or mmbwd, an odd k"),
+    (["worktree", "--case", "fwd:4:8:1"], "--case: expected one of fwd, bwd, mm, mmbwd, chain, chainbwd, an odd k"),
     (["worktree", "--case", "mm:8"], "--case: expected direction:k:resolution:batch"),
     (["worktree", "--threads", "0"], "--threads: expected a positive int"),
     (["no-such-revision-here"], "native_ab: version 'no-such-revision-here'"),

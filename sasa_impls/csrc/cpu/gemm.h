@@ -65,12 +65,17 @@ __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_
                                           T* c, int64_t ldc, int width, bool accumulate) {
   constexpr int L = kLanes<T>, P = kPanelWidth<T>;
   Vec<T> acc[ROWS][V];
+#pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       const int valid = width - v * L;
       const T* src = c + i * ldc + v * L;
       acc[i][v] = !accumulate || valid <= 0 ? Vec<T>{} : valid >= L ? load(src) : load_first(src, valid);
     }
+  }
+  for (int i = 0; i < ROWS; ++i) {
+    for (int v = 0; v < V; ++v) __builtin_prefetch(c + (2 * ROWS + i) * ldc + v * L, 1);
   }
   const T* rows[ROWS];
   for (int i = 0; i < ROWS; ++i) rows[i] = a.at(m0 + i, k0);
@@ -88,7 +93,9 @@ __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_
       for (int v = 0; v < V; ++v) acc[i][v] += w * x[v];
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       const int valid = width - v * L;
       T* dst = c + i * ldc + v * L;

@@ -88,12 +88,32 @@ inline void store_first(T* p, Vec<T> v, int n) {
 }
 
 // The first n (1 <= n <= kLanes) lanes from p, zeros after them; nothing past p + n is read (store_first's
-// counterpart, for the rare partial vector a product accumulates onto).
+// counterpart, for the rare partial vector a product accumulates onto). One masked load where the ISA has them:
+// a loop of lane writes made GCC keep every accumulator of the calling block in memory.
 template <typename T>
 inline Vec<T> load_first(const T* p, int n) {
+#if defined(__AVX512F__)
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (sizeof(T) == 4) {
+    return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_ps(mask, p));
+  } else {
+    return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), p));
+  }
+#elif defined(__AVX2__)
+  using Bits = typename VecTraits<T>::bits;
+  Bits lanes;
+  for (int i = 0; i < kVectorBytes / static_cast<int>(sizeof(T)); ++i) lanes[i] = i;
+  const Bits mask = lanes < (Bits{} + n);  // -1 on the lanes to load
+  if constexpr (sizeof(T) == 4) {
+    return reinterpret_cast<Vec<T>>(_mm256_maskload_ps(p, reinterpret_cast<__m256i>(mask)));
+  } else {
+    return reinterpret_cast<Vec<T>>(_mm256_maskload_pd(p, reinterpret_cast<__m256i>(mask)));
+  }
+#else
   Vec<T> v{};
   for (int i = 0; i < n; ++i) v[i] = p[i];
   return v;
+#endif
 }
 
 // Lane-wise max and horizontal reductions; templates on the vector type (a Vec<T> argument would not
