@@ -1,7 +1,8 @@
 """The native extension's matrix product (csrc/cpu/gemm.h), SASA2d's projection backend "native": against a
 float64 product on shapes that cut every block short (rows past the 6-row block, columns past the panel, depth
-past the 128-deep slab), with the strided operands the projection's gradients pass, summed over images, and
-bitwise independent of the thread count."""
+past the 512-deep slab, so that later slabs add onto partial vectors of C), with the strided operands the
+projection's gradients pass, summed over images, bitwise independent of the thread count, and in the AVX2 build
+(its masked loads and stores) as well as this CPU's."""
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,17 @@ if not _native_build.native_available(torch.device("cpu"), torch.float32)[0]:
                 allow_module_level=True)
 
 # (batch, M, K, N): one full block; tails of every loop; a depth of three slabs; the layer's shape
-SHAPES = [(1, 6, 128, 64), (2, 13, 5, 37), (3, 7, 300, 70), (1, 1, 1, 1), (2, 384, 128, 196)]
+SHAPES = [(1, 6, 128, 64), (2, 13, 5, 37), (3, 7, 1100, 70), (1, 1, 1, 1), (2, 384, 128, 196)]
+VARIANTS = [""] + (["avx2"] if "avx2" in _native_build.cpu_flags().split() else [])
 
 
-def ext():
-    return _native_build.cpu_extension()
+@pytest.fixture(params=VARIANTS, ids=lambda v: v or "native")
+def variant(request) -> str:
+    return request.param
+
+
+def ext(variant: str = ""):
+    return _native_build.cpu_extension(variant)
 
 
 def tolerance(dtype: torch.dtype, depth: int) -> float:
@@ -28,11 +35,11 @@ def tolerance(dtype: torch.dtype, depth: int) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch, m, k, n", SHAPES)
-def test_product_per_image_matches_float64(batch, m, k, n, dtype):
+def test_product_per_image_matches_float64(batch, m, k, n, dtype, variant):
     b = torch.randn(batch, k, n, dtype=dtype)
     for a in (torch.randn(1, m, k, dtype=dtype), torch.randn(batch, m, k, dtype=dtype),
               torch.randn(1, k, m, dtype=dtype).transpose(1, 2)):  # shared, per image, strided (W^T)
-        got = ext().matmul(a, b, False)
+        got = ext(variant).matmul(a, b, False)
         want = a.double() @ b.double()
         assert got.shape == (batch, m, n) and got.dtype == dtype
         assert (got.double() - want).abs().max().item() <= tolerance(dtype, k) * want.abs().max().item()
@@ -40,11 +47,11 @@ def test_product_per_image_matches_float64(batch, m, k, n, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch, m, k, n", SHAPES)
-def test_product_summed_over_images_matches_float64(batch, m, k, n, dtype):
+def test_product_summed_over_images_matches_float64(batch, m, k, n, dtype, variant):
     """The weight gradient's form: B read transposed (its columns at a stride), the images summed."""
     a = torch.randn(batch, m, k, dtype=dtype)
     b = torch.randn(batch, n, k, dtype=dtype).transpose(1, 2)
-    got = ext().matmul(a, b, True)
+    got = ext(variant).matmul(a, b, True)
     want = (a.double() @ b.double()).sum(0)
     assert got.shape == (m, n)
     assert (got.double() - want).abs().max().item() <= tolerance(dtype, batch * k) * want.abs().max().item()
