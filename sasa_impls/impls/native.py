@@ -14,14 +14,16 @@ of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the te
 tolerances). Status (README "What the committed results say"): the fastest attention on the CPU at
 every benchmark shape; SASA2d(128, 128, k=19) takes 1.4-1.5x a k = 3 convolution forward and 1.8-1.9x fwd+bwd
 on an AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extension's own matmul), 1.4x and
-1.65-1.7x on an AMD Zen 4, 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the physical
-FMA peak forward and 28-41% fwd+bwd on the Zen 5, 52-65% and 41-49% on the Zen 4, 40-42% and 27-29% on the Xeon
-(`scripts/native_targets.py`): issue 20's 1.5x is met forward in most cases and missed fwd+bwd in most. What
+1.54x on an AMD Zen 4 (1.65-1.7x in a slower pass of its VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at
+k = 19 reaches 43-57% of the physical FMA peak forward and 28-41% fwd+bwd on the Zen 5, 52-65% and 41-53% on the
+Zen 4, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met forward in most cases,
+fwd+bwd at 32 x 32 on the Zen 4 and missed at 28 x 28, where an eighth of every vector's lanes are padding. What
 bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block
 set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though
 aggregating 4 key rows at once gained the forward 0-3%), the backward, 2.5x the forward's FMAs, takes 2.5-3.2x
-its time, and the layer's autograd and Python around its kernels cost 13-18% of its fwd+bwd at batch 1 (one
-autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it). The AVX2 build
+its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one
+autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it), its kernels
+running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases). The AVX2 build
 (the "avx2" variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2 machine;
 on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes 1.10-1.16x the AVX-512 build's time forward and
 1.19-1.20x backward; it has not been timed on an AVX2-only CPU.
