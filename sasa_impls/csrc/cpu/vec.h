@@ -60,6 +60,17 @@ inline void store(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// -1 on the first n lanes, 0 after them: the mask of AVX2's masked loads and stores.
+template <typename T>
+inline __m256i first_lanes(int n) {
+  using Bits = typename VecTraits<T>::bits;
+  Bits lanes;
+  for (int i = 0; i < kLanes<T>; ++i) lanes[i] = i;
+  return reinterpret_cast<__m256i>(lanes < (Bits{} + n));
+}
+#endif
+
 // The first n (1 <= n <= kLanes) lanes of v to p, the memory after them untouched: one masked store where
 // the ISA has them. (A memcpy of n * sizeof(T) bytes compiles to scalar moves that reread v from the
 // stack right after it was stored there: store-forwarding stalls, measured 20% of a k = 1 forward.)
@@ -73,14 +84,10 @@ inline void store_first(T* p, Vec<T> v, int n) {
     _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask), reinterpret_cast<__m512d>(v));
   }
 #elif defined(__AVX2__)
-  using Bits = typename VecTraits<T>::bits;
-  Bits lanes;
-  for (int i = 0; i < kVectorBytes / static_cast<int>(sizeof(T)); ++i) lanes[i] = i;
-  const Bits mask = lanes < (Bits{} + n);  // -1 on the lanes to store
   if constexpr (sizeof(T) == 4) {
-    _mm256_maskstore_ps(p, reinterpret_cast<__m256i>(mask), reinterpret_cast<__m256>(v));
+    _mm256_maskstore_ps(p, first_lanes<T>(n), reinterpret_cast<__m256>(v));
   } else {
-    _mm256_maskstore_pd(p, reinterpret_cast<__m256i>(mask), reinterpret_cast<__m256d>(v));
+    _mm256_maskstore_pd(p, first_lanes<T>(n), reinterpret_cast<__m256d>(v));
   }
 #else
   for (int i = 0; i < n; ++i) p[i] = v[i];
@@ -100,14 +107,10 @@ inline Vec<T> load_first(const T* p, int n) {
     return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), p));
   }
 #elif defined(__AVX2__)
-  using Bits = typename VecTraits<T>::bits;
-  Bits lanes;
-  for (int i = 0; i < kVectorBytes / static_cast<int>(sizeof(T)); ++i) lanes[i] = i;
-  const Bits mask = lanes < (Bits{} + n);  // -1 on the lanes to load
   if constexpr (sizeof(T) == 4) {
-    return reinterpret_cast<Vec<T>>(_mm256_maskload_ps(p, reinterpret_cast<__m256i>(mask)));
+    return reinterpret_cast<Vec<T>>(_mm256_maskload_ps(p, first_lanes<T>(n)));
   } else {
-    return reinterpret_cast<Vec<T>>(_mm256_maskload_pd(p, reinterpret_cast<__m256i>(mask)));
+    return reinterpret_cast<Vec<T>>(_mm256_maskload_pd(p, first_lanes<T>(n)));
   }
 #else
   Vec<T> v{};
