@@ -109,15 +109,25 @@ def chain_inputs(case: Case) -> tuple:
     return weight, x, rel_row, rel_col, grad
 
 
+def stacked_product(extension) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The projection's product as _NativeProduct calls it: the weight's rows Q, K and V (groups=3, which splits
+    the threads' work by heads at batch 1), where the version takes that argument (decided once: a failed call's
+    TypeError formats its tensors, a millisecond)."""
+    if "groups" in (extension.matmul.__doc__ or ""):
+        return lambda weight, x: extension.matmul(weight, x, False, groups=3)
+    return lambda weight, x: extension.matmul(weight, x, False)
+
+
 def chain_call(extension, case: Case, args: tuple) -> Callable[[], tuple]:
     """SASA2d's kernels in its step's order, each on the previous one's outputs, as the layer passes them
     (sasa_impls/layers.py, projection.py): q, k, v channel-major slices of the product; the gradients of the
     three slices one (B, 3C, H W) tensor where the op's backward wrote them so."""
     weight, x, rel_row, rel_col, grad = args
     k, channels, image = case.kernel_size, HEADS * HEAD_DIM, (case.resolution, case.resolution)
+    project = stacked_product(extension)
 
     def call() -> tuple:
-        product = extension.matmul(weight[None], x, False)  # (B, 3C, H W)
+        product = project(weight[None], x)  # (B, 3C, H W)
         q, key, v = (_split_heads(t.unflatten(2, image), HEADS) for t in product.split(channels, dim=1))
         out, lse = extension.forward(q, key, v, rel_row, rel_col, k, 1.0, False, 0)
         if case.direction == "chain":
@@ -137,7 +147,8 @@ def kernel_call(extension, case: Case, args: tuple) -> Callable[[], tuple]:
         return chain_call(extension, case, args)
     if case.direction == "mm":
         weight, x, _ = args
-        return lambda: (extension.matmul(weight[None], x, False),)
+        project = stacked_product(extension)
+        return lambda: (project(weight[None], x),)
     if case.direction == "mmbwd":  # projection.py's _NativeProduct.backward
         weight, x, grad = args
         return lambda: (extension.matmul(weight.t()[None], grad, False), extension.matmul(grad, x.transpose(1, 2), True))
