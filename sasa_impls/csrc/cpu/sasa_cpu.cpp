@@ -241,11 +241,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 // C_b = A_b B_b for every b ((B, M, N)), or with ``reduce`` C = sum_b A_b B_b ((M, N), the sum in b order):
 // a (1 or B, M, K), b (B, K, N), fp32 or fp64, any strides. Tasks: (image, part, panel of columns), or with
 // ``reduce`` (panel, chunk of rows) each summing over every image. A's rows are ``groups`` stacked weights
-// (SASA2d's Q, K and V: 3); with fewer images than threads each image's rows are cut into one part per thread
-// (B = 1: two parts on 2 threads), a part holding the same rows of every group: the heads whose attention
-// run_tasks then gives the same thread (its tasks are (batch, head) planes in the same order), so it reads
-// q, k and v from its own core's caches (the op's forward ran 13% slower after the product on 2 threads than
-// alone, not on one; AMD Zen 4).
+// (SASA2d's Q, K and V: 3); with several groups and fewer images than threads each image's rows are cut into
+// one part per thread (B = 1: two parts on 2 threads), a part holding the same rows of every group: the heads
+// whose attention run_tasks then gives the same thread (its tasks are (batch, head) planes in the same order),
+// so it reads q, k and v from its own core's caches (the op's forward ran 13% slower after the product on 2
+// threads than alone, not on one; AMD Zen 4). One group keeps whole columns per task: each part packs the
+// panel's slab again (the input gradient's product, K = 384, 1.7% slower cut in two at 28 x 28).
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce, int64_t groups) {
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "a, b: expected (batch, M, K) and (batch, K, N)");
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() &&
@@ -260,7 +261,7 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce, int64_t
   at::Tensor c = at::empty(shape, b.options());  // every element written by one task, its first write a store
   const int64_t a_batch_stride = a.size(0) == 1 ? 0 : a.stride(0);
   const int64_t group_rows = M / groups;
-  const int64_t parts = reduce ? 1 : std::clamp<int64_t>(at::get_num_threads() / batch, 1, group_rows);
+  const int64_t parts = reduce || groups == 1 ? 1 : std::clamp<int64_t>(at::get_num_threads() / batch, 1, group_rows);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sasa_native_matmul", [&] {
     using T = scalar_t;
     constexpr int P = kPanelWidth<T>;
