@@ -4,7 +4,9 @@ The op is the local self-attention of SASA (Ramachandran et al., "Stand-Alone Se
 Models", NeurIPS 2019) with the contract's masked borders and factorized relative logits.
 
 CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native),
-parallel over (batch, head, row band) tasks on ATen's threads. Per query block (a vector of consecutive
+parallel over (batch, head, row band) tasks on ATen's threads, each thread first running its own contiguous
+share of them, as the projection's product splits its work (sasa_cpu.cpp's run_tasks, matmul), so a thread attends
+the q, k, v its core wrote. Per query block (a vector of consecutive
 pixels of one row; four rows at a time with AVX-512, three with AVX2: csrc/cpu/forward.h, backward.h) it walks the key rows of the window with an online softmax,
 computing the logits of all k column offsets from shifted loads of a packed key row; relative logits
 are factorized (k D MACs per pixel); nothing of size k^2 per pixel is stored (memory O(HW C); the
@@ -23,7 +25,8 @@ set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 te
 aggregating 4 key rows at once gained the forward 0-3%), the backward, 2.5x the forward's FMAs, takes 2.5-3.2x
 its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one
 autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it), its kernels
-running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases). The AVX2 build
+running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the threads
+read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1). The AVX2 build
 (the "avx2" variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2 machine;
 on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes 1.10-1.16x the AVX-512 build's time forward and
 1.19-1.20x backward; it has not been timed on an AVX2-only CPU.
