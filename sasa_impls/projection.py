@@ -136,10 +136,10 @@ def projection_candidates(x: torch.Tensor) -> list[str]:
     return names
 
 
-def projection_backend(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> str:
-    """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` (``groups`` stacked weights) here (ties broken by
-    :func:`fastest_preferred`), measured at first use per
-    (input shape, output channels, dtype, device, memory format, training) and cached. In training (autograd
+def projection_backend(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
+    """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` (``groups`` stacked weights) here
+    (ties broken by :func:`fastest_preferred`), measured at first use per (input shape, output channels, groups,
+    dtype, device, memory format, training) and cached. In training (autograd
     recording) the forward and backward are timed together: at batch 8 the 1x1 conv had the faster forward
     and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""
     if x.device.type == "meta" or torch.jit.is_tracing():
