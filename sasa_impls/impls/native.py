@@ -26,7 +26,8 @@ aggregating 4 key rows at once gained the forward 0-3%), the backward, 2.5x the 
 its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one
 autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it), its kernels
 running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the threads
-read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1). The AVX2 build
+read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1,
+in most passes of the Zen 4's VM). The AVX2 build
 (the "avx2" variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2 machine;
 on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes 1.10-1.16x the AVX-512 build's time forward and
 1.19-1.20x backward; it has not been timed on an AVX2-only CPU.
