@@ -50,6 +50,19 @@ def one_space(text: str) -> str:
     return re.sub(r" {2,}", " ", text)
 
 
+def on_thread_counts(counts, fn) -> list:
+    """fn()'s result on each of torch's thread ``counts`` in turn; the caller's thread count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def planted(folder: Path, name: str, source: str) -> Iterator[str]:
     """A plugin file of test-only implementations (for SASA_BENCH_PLUGINS): yields its path; whatever it

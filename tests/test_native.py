@@ -17,7 +17,7 @@ from sasa_impls.impls import _native_build, native
 from sasa_impls.impls.native import native_attention
 from sasa_impls.impls.reference import reference_attention
 
-from helpers import grads, random_inputs
+from helpers import grads, on_thread_counts, random_inputs
 
 if not native.native_available(torch.device("cpu"), torch.float64)[0]:
     pytest.skip(f"native CPU kernel unavailable: {native.native_available(torch.device('cpu'), torch.float64)[1]}",
@@ -139,14 +139,8 @@ def run_all(inputs, kernel_size, cotangent):
 def test_results_do_not_depend_on_the_thread_count(dtype):
     inputs = random_inputs(3, 2, 21, 13, 16, 7, True, dtype=dtype, requires_grad=True)
     cotangent = torch.randn(3, 2, 21, 13, 16, dtype=dtype)
-    threads = torch.get_num_threads()
-    try:  # 6 planes: the forward's default band is the whole image on 1 thread, 12 rows on 2, 8 on 5
-        results = []
-        for count in (1, 2, 5):
-            torch.set_num_threads(count)
-            results.append(run_all(inputs, 7, cotangent))
-    finally:
-        torch.set_num_threads(threads)
+    # 6 planes: the forward's default band is the whole image on 1 thread, 12 rows on 2, 8 on 5
+    results = on_thread_counts((1, 2, 5), lambda: run_all(inputs, 7, cotangent))
     for other in results[1:]:
         for name, first, second in zip(("out", *NAMES), results[0], other):
             assert torch.equal(first, second), name

@@ -11,6 +11,8 @@ import torch
 import sasa_impls
 from sasa_impls.impls import _native_build
 
+from helpers import on_thread_counts
+
 if not _native_build.native_available(torch.device("cpu"), torch.float32)[0]:
     pytest.skip(f"native CPU kernel unavailable: {_native_build.native_available(torch.device('cpu'), torch.float32)[1]}",
                 allow_module_level=True)
@@ -60,14 +62,7 @@ def test_product_summed_over_images_matches_float64(batch, m, k, n, dtype, varia
 @pytest.mark.parametrize("reduce", [False, True])
 def test_product_bits_do_not_depend_on_the_thread_count(reduce):
     a, b = torch.randn(3, 50, 200), torch.randn(3, 200, 150)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(ext().matmul(a, b, reduce))
-    finally:
-        torch.set_num_threads(threads)
+    results = on_thread_counts((1, 2, 3), lambda: ext().matmul(a, b, reduce))
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
@@ -79,13 +74,9 @@ def test_stacked_weights_split_by_rows_give_the_same_bits(batch, m):
     a, b = torch.randn(1, m, 40), torch.randn(batch, 40, 70)
     want = ext().matmul(a, b, False)
     assert (want.double() - a.double() @ b.double()).abs().max().item() <= tolerance(torch.float32, 40) * want.abs().max().item()
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3, 4):
-            torch.set_num_threads(count)
-            assert torch.equal(ext().matmul(a, b, False, 3), want), count
-    finally:
-        torch.set_num_threads(threads)
+    counts = (1, 2, 3, 4)
+    for count, got in zip(counts, on_thread_counts(counts, lambda: ext().matmul(a, b, False, 3))):
+        assert torch.equal(got, want), count
 
 
 @pytest.mark.parametrize("groups", [0, 5, -3])
