@@ -9,8 +9,11 @@
 // leaves p and dS of each (query row, key row) pair (k values per pixel) in scratch. For each query
 // row, a key-centric sweep over the key rows then reads them diagonally (key x, offset c pairs with
 // query x - c + r) for dK += dS q and dV += p dO, with the key row's pixels in the lanes. Grouping
-// rows lets each shifted load feed the FMAs of every row of a group (2 or 4 rows, below; contract.h). Each contraction is the
-// forward's microkernel: 5 D MACs per (query, key) pair.
+// rows lets each shifted load feed the FMAs of every row of a group (3 or 4 rows, below; contract.h). Each contraction is the
+// forward's microkernel: 5 D MACs per (query, key) pair. Where every query row of a group meets every key row of a
+// key group (the window's middle, 16 of 22 key rows at k = 19), dQ sums the key rows' pairs and dK and dV the query
+// rows' pairs in one contraction each (4 x 19 terms per accumulator load and store instead of 19: the backward at
+// k = 19 took 0.954-0.964 of the time, k = 7 0.967, AMD Zen 4 f25m17; k = 3 has no such group).
 //
 // Key rows are shared by neighbouring bands, so each task accumulates dK and dV into its own halo rows
 // (band plus r rows either side); reduce_key_row sums the bands' halo rows in band order. With one band per
@@ -223,9 +226,16 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
       block_terms<T, G>(rows, block_rows, block_cols, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
     }
 
+    // Key rows [full_begin, full_end) are in the window of every row of the group. Groups of key rows start at
+    // full_begin: a group there pairs every query row with every key row, and its dQ, dK and dV contractions each
+    // sum all of its pairs at once (contract.h's parts); the groups before and after (the window's edges) take
+    // each query row's key rows, or each key row's query rows, alone.
     const int a_end = window_end(i0 + rows - 1, r, H);
-    for (int a0 = window_begin(i0, r); a0 < a_end; a0 += GK) {
-      const int keys = a_end - a0 < GK ? a_end - a0 : GK;
+    const int full_begin = window_begin(i0 + rows - 1, r), full_end = window_end(i0, r, H);
+    for (int a0 = window_begin(i0, r); a0 < a_end;) {
+      const int group_end = a0 < full_begin ? full_begin : a0 < full_end ? full_end : a_end;
+      const int keys = group_end - a0 < GK ? group_end - a0 : GK;
+      const bool full = a0 >= full_begin && a0 + keys <= full_end;
       for (int e = 0; e < keys; ++e) {  // queries of the group against key row a0 + e
         const int a = a0 + e;
         int first, last;
@@ -266,8 +276,45 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             }
             store(ds_rows(g, offset_index(i0 + g, a, r)) + x0, row_sum);
           }
-          contract_rows<T, G>(count, dq + first, D, Accumulate<T>{dq + first}, dscores + first, VectorAt<T>{key_row + x0, 1, cs}, k);
+          if (!full) {
+            contract_rows<T, G>(count, dq + first, D, Accumulate<T>{dq + first}, dscores + first,
+                                VectorAt<T>{key_row + x0, 1, cs}, k);
+          }
         }
+      }
+      if (full) {
+        for (int x0 = 0; x0 < wp; x0 += L) {  // dQ of the group's rows summed over its key rows (the parts)
+          Strided<T> dq[G];
+          Loads<T> dscores[GK][G];
+          Part<T, VectorAt<T>> parts[GK];
+          for (int g = 0; g < rows; ++g) dq[g] = {dq_row(g) + x0, wp};
+          for (int e = 0; e < keys; ++e) {
+            for (int g = 0; g < rows; ++g) dscores[e][g] = {ws.pair(ws.dscores, g, e) + margin + x0, wsc};
+            parts[e] = {dscores[e], VectorAt<T>{ws.k.at(a0 + e, 0, x0 - r), 1, cs}};
+          }
+          contract_rows<T, G>(rows, dq, D, Accumulate<T>{dq}, parts, keys, k);
+        }
+        for (int x0 = 0; x0 < wp; x0 += L) {  // dK and dV of the group's key rows summed over its query rows
+          Strided<T> dk[GK], dv[GK];
+          Loads<T> dscores[G][GK], probs[G][GK];
+          Part<T, VectorAt<T>> queries[G], grads[G];
+          for (int e = 0; e < keys; ++e) {
+            dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
+            dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
+          }
+          for (int g = 0; g < rows; ++g) {
+            for (int e = 0; e < keys; ++e) {
+              dscores[g][e] = {ws.pair(ws.dscores, g, e) + margin + r + x0, wsc - 1};
+              probs[g][e] = {ws.pair(ws.probs, g, e) + margin + r + x0, wsc - 1};
+            }
+            queries[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}};
+            grads[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}};
+          }
+          contract_rows<T, GK>(keys, dk, D, Accumulate<T>{dk}, queries, rows, k);
+          contract_rows<T, GK>(keys, dv, D, Accumulate<T>{dv}, grads, rows, k);
+        }
+        a0 += keys;
+        continue;
       }
       for (int g = 0; g < rows; ++g) {  // keys of rows a0 .. a0 + keys: offset c pairs key x with query x - c + r
         int first, last;
@@ -287,6 +334,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           contract_rows<T, GK>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
         }
       }
+      a0 += keys;
     }
 
     for (int g = 0; g < rows && shape.has_rel; ++g) {

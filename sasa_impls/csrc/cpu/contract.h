@@ -90,10 +90,19 @@ struct Zero {
   Vec<T> operator()(int, int) const { return Vec<T>{}; }
 };
 
-// Outputs [u0, u0 + NOUT) of ROWS rows.
+// One part of a contraction whose sum runs over several operand sets: left[r] per row, one right-hand side.
+// A block's accumulators stay in registers from its first part to its last (the backward's dQ, dK and dV sum 4
+// key or query rows of 19 terms each: one set-up and drain per 76 terms instead of per 19).
+template <typename T, class Right>
+struct Part {
+  const Loads<T>* left;
+  Right right;
+};
+
+// Outputs [u0, u0 + NOUT) of ROWS rows, summed over ``count`` parts of n terms each.
 template <typename T, int ROWS, int NOUT, class Init, class Right>
-inline __attribute__((always_inline)) void contract_block(const Strided<T>* out, const Init& init, const Loads<T>* left,
-                                                          const Right& right, int n, int u0) {
+inline __attribute__((always_inline)) void contract_block(const Strided<T>* out, const Init& init,
+                                                          const Part<T, Right>* parts, int count, int n, int u0) {
   constexpr int SPLIT = ROWS * NOUT >= kChains ? 1 : (kChains + ROWS * NOUT - 1) / (ROWS * NOUT);
   // Each left vector in a register, loaded once per j, where the registers hold it with the block's
   // accumulators and the right vector (GCC would otherwise fold its load into each of the NOUT FMAs
@@ -110,36 +119,40 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
       for (int s = 1; s < SPLIT; ++s) acc[s][r][u] = Vec<T>{};
     }
   }
-  int j = 0;
-  // Unrolled: one pointer increment per operand and iteration took issue slots from the FMAs (Xeon f6m167,
-  // 4 rows x 4 outputs, n = 64: 54% of the FMA-only rate rolled, 65% unrolled).
+  for (int part = 0; part < count; ++part) {
+    const Loads<T>* left = parts[part].left;
+    const Right& right = parts[part].right;
+    int j = 0;
+    // Unrolled: one pointer increment per operand and iteration took issue slots from the FMAs (Xeon f6m167,
+    // 4 rows x 4 outputs, n = 64: 54% of the FMA-only rate rolled, 65% unrolled).
 #pragma GCC unroll 4
-  for (; j + SPLIT <= n; j += SPLIT) {
+    for (; j + SPLIT <= n; j += SPLIT) {
 #pragma GCC unroll 8
-    for (int s = 0; s < SPLIT; ++s) {
-      Vec<T> l[ROWS];
-      for (int r = 0; r < ROWS; ++r) {
-        l[r] = left[r](j + s);
-        if constexpr (kLeftInRegisters) asm("" : "+v"(l[r]));
-      }
+      for (int s = 0; s < SPLIT; ++s) {
+        Vec<T> l[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+          l[r] = left[r](j + s);
+          if constexpr (kLeftInRegisters) asm("" : "+v"(l[r]));
+        }
 #pragma GCC unroll 24
-      for (int u = 0; u < NOUT; ++u) {
-        Vec<T> x = right(j + s, u0 + u);
-        if constexpr (ROWS > 1) asm("" : "+v"(x));  // one load for all rows (GCC would fold it into each FMA)
+        for (int u = 0; u < NOUT; ++u) {
+          Vec<T> x = right(j + s, u0 + u);
+          if constexpr (ROWS > 1) asm("" : "+v"(x));  // one load for all rows (GCC would fold it into each FMA)
 #pragma GCC unroll 24
-        for (int r = 0; r < ROWS; ++r) acc[s][r][u] += l[r] * x;
+          for (int r = 0; r < ROWS; ++r) acc[s][r][u] += l[r] * x;
+        }
       }
     }
-  }
-  for (; j < n; ++j) {
-    Vec<T> l[ROWS];
+    for (; j < n; ++j) {
+      Vec<T> l[ROWS];
 #pragma GCC unroll 24
-    for (int r = 0; r < ROWS; ++r) l[r] = left[r](j);
+      for (int r = 0; r < ROWS; ++r) l[r] = left[r](j);
 #pragma GCC unroll 24
-    for (int u = 0; u < NOUT; ++u) {
-      const Vec<T> x = right(j, u0 + u);
+      for (int u = 0; u < NOUT; ++u) {
+        const Vec<T> x = right(j, u0 + u);
 #pragma GCC unroll 24
-      for (int r = 0; r < ROWS; ++r) acc[0][r][u] += l[r] * x;
+        for (int r = 0; r < ROWS; ++r) acc[0][r][u] += l[r] * x;
+      }
     }
   }
   Strided<T> dst[ROWS];  // copies: the stores (memcpy) may alias ``out``, which GCC reloaded before each one
@@ -158,40 +171,49 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
 
 // The last ``m`` < kBlockOutputs<ROWS> outputs, from u0: one block of exactly m outputs.
 template <typename T, int ROWS, int NOUT, class Init, class Right>
-inline void contract_rest(const Strided<T>* out, const Init& init, const Loads<T>* left, const Right& right, int n,
+inline void contract_rest(const Strided<T>* out, const Init& init, const Part<T, Right>* parts, int count, int n,
                           int u0, int m) {
   if constexpr (NOUT > 0) {
     if (m == NOUT) {
-      contract_block<T, ROWS, NOUT>(out, init, left, right, n, u0);
+      contract_block<T, ROWS, NOUT>(out, init, parts, count, n, u0);
     } else {
-      contract_rest<T, ROWS, NOUT - 1>(out, init, left, right, n, u0, m);
+      contract_rest<T, ROWS, NOUT - 1>(out, init, parts, count, n, u0, m);
     }
   }
 }
 
-// out_r[u] = init(r, u) + sum_{j < n} left_r(j) * right(j, u) for u in [0, m), r < ROWS.
+// out_r[u] = init(r, u) + sum over the parts p < count of sum_{j < n} left_{p,r}(j) * right_p(j, u) for u in
+// [0, m), r < ROWS.
 template <typename T, int ROWS, class Init, class Right>
-inline void contract(const Strided<T>* out, int m, const Init& init, const Loads<T>* left, const Right& right, int n) {
+inline void contract(const Strided<T>* out, int m, const Init& init, const Part<T, Right>* parts, int count, int n) {
   constexpr int B = kBlockOutputs<ROWS>;
   int u = 0;
-  for (; u + B <= m; u += B) contract_block<T, ROWS, B>(out, init, left, right, n, u);
-  contract_rest<T, ROWS, B - 1>(out, init, left, right, n, u, m - u);
+  for (; u + B <= m; u += B) contract_block<T, ROWS, B>(out, init, parts, count, n, u);
+  contract_rest<T, ROWS, B - 1>(out, init, parts, count, n, u, m - u);
 }
 
-// ``rows`` (1 .. MAXROWS, known at run time) rows of operands.
+// ``rows`` (1 .. MAXROWS, known at run time) rows of operands, summed over ``count`` parts.
+template <typename T, int MAXROWS, class Init, class Right>
+inline void contract_rows(int rows, const Strided<T>* out, int m, const Init& init, const Part<T, Right>* parts,
+                          int count, int n) {
+  if constexpr (MAXROWS > 1) {
+    if (rows < MAXROWS) return contract_rows<T, MAXROWS - 1>(rows, out, m, init, parts, count, n);
+  }
+  contract<T, MAXROWS>(out, m, init, parts, count, n);
+}
+
+// One part: out_r[u] = init(r, u) + sum_{j < n} left_r(j) * right(j, u).
 template <typename T, int MAXROWS, class Init, class Right>
 inline void contract_rows(int rows, const Strided<T>* out, int m, const Init& init, const Loads<T>* left,
                           const Right& right, int n) {
-  if constexpr (MAXROWS > 1) {
-    if (rows < MAXROWS) return contract_rows<T, MAXROWS - 1>(rows, out, m, init, left, right, n);
-  }
-  contract<T, MAXROWS>(out, m, init, left, right, n);
+  const Part<T, Right> part{left, right};
+  contract_rows<T, MAXROWS>(rows, out, m, init, &part, 1, n);
 }
 
 // One row of operands accumulated onto ``out`` (the relative part of dQ).
 template <typename T, class Right>
 inline void contract(Strided<T> out, int m, Loads<T> left, const Right& right, int n) {
-  contract<T, 1>(&out, m, Accumulate<T>{&out}, &left, right, n);
+  contract_rows<T, 1>(1, &out, m, Accumulate<T>{&out}, &left, right, n);
 }
 
 }  // namespace sasa::cpu
