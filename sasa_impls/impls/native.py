@@ -22,8 +22,9 @@ Zen 4, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1
 fwd+bwd at 32 x 32 on the Zen 4 and missed at 28 x 28, where an eighth of every vector's lanes are padding. What
 bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block
 set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though
-aggregating 4 key rows at once gained the forward 0-3%), the backward, 2.5x the forward's FMAs, takes 2.5-3.2x
-its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one
+aggregating 4 key rows at once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per
+accumulator where a group's query and key rows all meet, 0.95-0.98 of its time), the backward, 2.5x the forward's
+FMAs, takes 2.5-3.2x its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one
 autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it), its kernels
 running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the threads
 read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1,
