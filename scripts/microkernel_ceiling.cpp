@@ -76,9 +76,9 @@ Row contraction(const std::string& name, int m, int n, const Right& right, std::
   }
   return timed(name, 2.0 * ROWS * m * n * L, calls, [&] {
     if (rescale) {
-      contract<T, ROWS>(outs, m, Rescale<T>{outs, alpha}, lefts, right, n);
+      contract_rows<T, ROWS>(ROWS, outs, m, Rescale<T>{outs, alpha}, lefts, right, n);
     } else {
-      contract<T, ROWS>(outs, m, Accumulate<T>{outs}, lefts, right, n);
+      contract_rows<T, ROWS>(ROWS, outs, m, Accumulate<T>{outs}, lefts, right, n);
     }
   });
 }
