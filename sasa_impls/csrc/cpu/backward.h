@@ -13,7 +13,8 @@
 // forward's microkernel: 5 D MACs per (query, key) pair. Where every query row of a group meets every key row of a
 // key group (the window's middle, 16 of 22 key rows at k = 19), dQ sums the key rows' pairs and dK and dV the query
 // rows' pairs in one contraction each (4 x 19 terms per accumulator load and store instead of 19: the backward at
-// k = 19 took 0.954-0.964 of the time, k = 7 0.967, AMD Zen 4 f25m17; k = 3 has no such group).
+// k = 19 took 0.954-0.977 of the time at 28 x 28 and 32 x 32, batch 1 and 8, k = 7 0.965-0.967, AMD Zen 4 f25m17;
+// k = 3 has no such group).
 //
 // Key rows are shared by neighbouring bands, so each task accumulates dK and dV into its own halo rows
 // (band plus r rows either side); reduce_key_row sums the bands' halo rows in band order. With one band per
@@ -286,18 +287,18 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
         for (int x0 = 0; x0 < wp; x0 += L) {  // dQ of the group's rows summed over its key rows (the parts)
           Strided<T> dq[G];
           Loads<T> dscores[GK][G];
-          Part<T, VectorAt<T>> parts[GK];
+          Part<T, VectorAt<T>> key_parts[GK];
           for (int g = 0; g < rows; ++g) dq[g] = {dq_row(g) + x0, wp};
           for (int e = 0; e < keys; ++e) {
             for (int g = 0; g < rows; ++g) dscores[e][g] = {ws.pair(ws.dscores, g, e) + margin + x0, wsc};
-            parts[e] = {dscores[e], VectorAt<T>{ws.k.at(a0 + e, 0, x0 - r), 1, cs}};
+            key_parts[e] = {dscores[e], VectorAt<T>{ws.k.at(a0 + e, 0, x0 - r), 1, cs}};
           }
-          contract_rows<T, G>(rows, dq, D, Accumulate<T>{dq}, parts, keys, k);
+          contract_rows<T, G>(rows, dq, D, Accumulate<T>{dq}, key_parts, keys, k);
         }
         for (int x0 = 0; x0 < wp; x0 += L) {  // dK and dV of the group's key rows summed over its query rows
           Strided<T> dk[GK], dv[GK];
           Loads<T> dscores[G][GK], probs[G][GK];
-          Part<T, VectorAt<T>> queries[G], grads[G];
+          Part<T, VectorAt<T>> query_parts[G], grad_parts[G];
           for (int e = 0; e < keys; ++e) {
             dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
             dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
@@ -307,11 +308,11 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
               dscores[g][e] = {ws.pair(ws.dscores, g, e) + margin + r + x0, wsc - 1};
               probs[g][e] = {ws.pair(ws.probs, g, e) + margin + r + x0, wsc - 1};
             }
-            queries[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}};
-            grads[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}};
+            query_parts[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}};
+            grad_parts[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}};
           }
-          contract_rows<T, GK>(keys, dk, D, Accumulate<T>{dk}, queries, rows, k);
-          contract_rows<T, GK>(keys, dv, D, Accumulate<T>{dv}, grads, rows, k);
+          contract_rows<T, GK>(keys, dk, D, Accumulate<T>{dk}, query_parts, rows, k);
+          contract_rows<T, GK>(keys, dv, D, Accumulate<T>{dv}, grad_parts, rows, k);
         }
         a0 += keys;
         continue;
