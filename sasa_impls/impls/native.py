@@ -24,9 +24,9 @@ bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of t
 set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though
 aggregating 4 key rows at once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per
 accumulator where a group's query and key rows all meet, 0.95-0.98 of its time), the backward, 2.5x the forward's
-FMAs, takes 2.5-3.2x its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one
-autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it), its kernels
-running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the threads
+FMAs, takes 2.5-3.2x its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at
+batch 1 (one autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it), its
+kernels running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the threads
 read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1,
 in most passes of the Zen 4's VM). The AVX2 build
 (the "avx2" variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2 machine;
