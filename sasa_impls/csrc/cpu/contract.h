@@ -9,11 +9,14 @@
 // share ``right``: each of its loads then feeds several FMAs, which is what keeps this load-bound loop
 // near the FMA rate (the shifted loads are unaligned).
 //
-// Outputs go in blocks that fill most of the registers with accumulators (12 of AVX2's 16 vector
-// registers; 16 of AVX-512's 32, which leaves general registers for the row pointers of the blocks of
-// up to four rows), the rest in one smaller block whose reduction is split into partial sums, so that
-// at least 8 FMA chains are in flight. Partial sums are added in a fixed order: the result depends on
-// the shapes only, never on the thread that runs it.
+// Outputs go in as few blocks as fill at most kAccumulators registers with accumulators, of sizes that differ by
+// one at most (12 of AVX2's 16 vector registers; 20 of AVX-512's 32: 4 rows x 5 outputs take the logits' k = 19
+// offsets in 4 blocks instead of 4 + 4 + 4 + 4 + 3, each block's left vectors loaded once more per j; against 16
+// accumulators, AMD Zen 4 f25m17, 2 threads: backward 0.965-0.979, forward 0.98-0.99 at k = 19, k = 3 and 7
+// 0.97-0.98; the AVX2 build, whose 2- and 1-row blocks now split evenly too, 0.96-0.99. 24 accumulators had read
+// 1.00-1.03, their 19 outputs in blocks of 6, 6, 6 and 1). A block of fewer than 8 accumulators splits its
+// reduction into partial sums, so that at least 8 FMA chains are in flight. Partial sums are added in a fixed
+// order: the result depends on the shapes only, never on the thread that runs it.
 #pragma once
 
 #include "vec.h"
@@ -64,7 +67,7 @@ struct ScalarAt {
 };
 
 inline constexpr int kRegisters = kVectorBytes == 64 ? 32 : 16;  // vector registers of the ISA
-inline constexpr int kAccumulators = kVectorBytes == 64 ? 16 : 12;
+inline constexpr int kAccumulators = kVectorBytes == 64 ? 20 : 12;
 inline constexpr int kChains = 8;
 
 template <int ROWS>
@@ -169,7 +172,7 @@ inline __attribute__((always_inline)) void contract_block(const Strided<T>* out,
   }
 }
 
-// The last ``m`` < kBlockOutputs<ROWS> outputs, from u0: one block of exactly m outputs.
+// Outputs [u0, u0 + m), m <= NOUT: one block of exactly m outputs.
 template <typename T, int ROWS, int NOUT, class Init, class Right>
 inline void contract_rest(const Strided<T>* out, const Init& init, const Part<T, Right>* parts, int count, int n,
                           int u0, int m) {
@@ -187,9 +190,11 @@ inline void contract_rest(const Strided<T>* out, const Init& init, const Part<T,
 template <typename T, int ROWS, class Init, class Right>
 inline void contract(const Strided<T>* out, int m, const Init& init, const Part<T, Right>* parts, int count, int n) {
   constexpr int B = kBlockOutputs<ROWS>;
-  int u = 0;
-  for (; u + B <= m; u += B) contract_block<T, ROWS, B>(out, init, parts, count, n, u);
-  contract_rest<T, ROWS, B - 1>(out, init, parts, count, n, u, m - u);
+  for (int u = 0; u < m;) {  // as few blocks as B allows, of sizes that differ by one at most
+    const int blocks = (m - u + B - 1) / B, size = (m - u + blocks - 1) / blocks;
+    contract_rest<T, ROWS, B>(out, init, parts, count, n, u, size);
+    u += size;
+  }
 }
 
 // ``rows`` (1 .. MAXROWS, known at run time) rows of operands, summed over ``count`` parts.
