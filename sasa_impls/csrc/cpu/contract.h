@@ -10,13 +10,13 @@
 // near the FMA rate (the shifted loads are unaligned).
 //
 // Outputs go in as few blocks as fill at most kAccumulators registers with accumulators, of sizes that differ by
-// one at most (12 of AVX2's 16 vector registers; 20 of AVX-512's 32: 4 rows x 5 outputs take the logits' k = 19
-// offsets in 4 blocks instead of 4 + 4 + 4 + 4 + 3, each block's left vectors loaded once more per j; against 16
-// accumulators, AMD Zen 4 f25m17, 2 threads: backward 0.965-0.979, forward 0.98-0.99 at k = 19, k = 3 and 7
-// 0.97-0.98; the AVX2 build, whose 2- and 1-row blocks now split evenly too, 0.96-0.99. 24 accumulators had read
-// 1.00-1.03, their 19 outputs in blocks of 6, 6, 6 and 1). A block of fewer than 8 accumulators splits its
-// reduction into partial sums, so that at least 8 FMA chains are in flight. Partial sums are added in a fixed
-// order: the result depends on the shapes only, never on the thread that runs it.
+// one at most: 12 of AVX2's 16 vector registers; 20 of AVX-512's 32, where 4 rows x 5 outputs take the logits' k =
+// 19 offsets in 4 blocks instead of 4 + 4 + 4 + 4 + 3 (the rows' left vectors loaded 4 times per term instead of 5,
+// one set-up and drain fewer). Against 16 accumulators, AMD Zen 4 f25m17, 2 threads: backward 0.962-0.979, forward
+// 0.98-0.99 at k = 19, k = 3 and 7 0.97-0.98; the AVX2 build, whose 2- and 1-row blocks now split evenly too,
+// 0.96-0.99. 24 accumulators, which change only the 16-output contractions (6 + 5 + 5), read 1.00-1.03. A block of
+// fewer than 8 accumulators splits its reduction into partial sums, so that at least 8 FMA chains are in flight.
+// Partial sums are added in a fixed order: the result depends on the shapes only, never on the thread that runs it.
 #pragma once
 
 #include "vec.h"
