@@ -216,6 +216,12 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
     const auto ds_rows = [&](int g, int o) { return ws.ds_rows.data() + (static_cast<int64_t>(i0 + g - row0) * k + o) * wp; };
     const auto ds_cols = [&](int g, int c) { return ws.ds_cols.data() + (static_cast<int64_t>(i0 + g - row0) * k + c) * wp; };
     const auto dq_row = [&](int g) { return ws.dq.data() + static_cast<int64_t>(i0 + g - row0) * D * wp; };
+    // dK of key row a0 + e at columns x0 ..; its dV follows D padded rows later
+    const auto dk_row = [&](int a0, int e, int x0) { return Strided<T>{halo + (a0 + e - hb) * row_size + x0, wp}; };
+    // p or dS of (query row g, key row e) read diagonally for key columns x0 ..: offset c at query column x0 - c + r
+    const auto diagonal = [&](VecBuffer<T>& scratch, int g, int e, int x0) {
+      return Loads<T>{ws.pair(scratch, g, e) + margin + r + x0, wsc - 1};
+    };
     for (int x0 = 0; x0 < wp; x0 += L) {
       Strided<T> block_rows[G], block_cols[G];
       Loads<T> queries[G];
@@ -300,13 +306,13 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           Loads<T> dscores[G][GK], probs[G][GK];
           Part<T, VectorAt<T>> query_parts[G], grad_parts[G];
           for (int e = 0; e < keys; ++e) {
-            dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
+            dk[e] = dk_row(a0, e, x0);
             dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
           }
           for (int g = 0; g < rows; ++g) {
             for (int e = 0; e < keys; ++e) {
-              dscores[g][e] = {ws.pair(ws.dscores, g, e) + margin + r + x0, wsc - 1};
-              probs[g][e] = {ws.pair(ws.probs, g, e) + margin + r + x0, wsc - 1};
+              dscores[g][e] = diagonal(ws.dscores, g, e, x0);
+              probs[g][e] = diagonal(ws.probs, g, e, x0);
             }
             query_parts[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}};
             grad_parts[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}};
@@ -314,25 +320,26 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           contract_rows<T, GK>(keys, dk, D, Accumulate<T>{dk}, query_parts, rows, k);
           contract_rows<T, GK>(keys, dv, D, Accumulate<T>{dv}, grad_parts, rows, k);
         }
-        a0 += keys;
-        continue;
-      }
-      for (int g = 0; g < rows; ++g) {  // keys of rows a0 .. a0 + keys: offset c pairs key x with query x - c + r
-        int first, last;
-        rows_within(i0 + g, a0, keys, r, first, last);
-        if (first > last) continue;
-        for (int x0 = 0; x0 < wp; x0 += L) {
-          Strided<T> dk[GK], dv[GK];
-          Loads<T> dscores[GK], probs[GK];
-          for (int e = first; e <= last; ++e) {
-            dk[e] = {halo + (a0 + e - hb) * row_size + x0, wp};
-            dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
-            dscores[e] = {ws.pair(ws.dscores, g, e) + margin + r + x0, wsc - 1};
-            probs[e] = {ws.pair(ws.probs, g, e) + margin + r + x0, wsc - 1};
+      } else {
+        for (int g = 0; g < rows; ++g) {  // keys of rows a0 .. a0 + keys: offset c pairs key x with query x - c + r
+          int first, last;
+          rows_within(i0 + g, a0, keys, r, first, last);
+          if (first > last) continue;
+          for (int x0 = 0; x0 < wp; x0 += L) {
+            Strided<T> dk[GK], dv[GK];
+            Loads<T> dscores[GK], probs[GK];
+            for (int e = first; e <= last; ++e) {
+              dk[e] = dk_row(a0, e, x0);
+              dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
+              dscores[e] = diagonal(ws.dscores, g, e, x0);
+              probs[e] = diagonal(ws.probs, g, e, x0);
+            }
+            const int count = last - first + 1;
+            contract_rows<T, GK>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first,
+                                 VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
+            contract_rows<T, GK>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first,
+                                 VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
           }
-          const int count = last - first + 1;
-          contract_rows<T, GK>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first, VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
-          contract_rows<T, GK>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first, VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
         }
       }
       a0 += keys;
