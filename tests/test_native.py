@@ -45,7 +45,9 @@ def assert_matches_reference(inputs, kernel_size, scale, **options):
 # (batch, heads, H, W, D, k, with_rel, scale, band): W = 37 is more than two vectors of 16 lanes (AVX-512) and not a
 # multiple of any lane count; H = 20 > the default band (8 at k <= 9), bands of 1 and 3 rows (an odd last group of
 # rows), D = 64 and odd D, k = 19 with halo rows beyond every band, k larger than the image, batch > 1 (relative
-# gradients summed over batch and bands), one-row and one-column images, one band per plane (its task stores dK, dV).
+# gradients summed over batch and bands), one-row and one-column images, one band per plane (its task stores dK, dV),
+# and the forward's interleaved heads (forward.h's forward_interleave; in fp64 with 8 lanes: 2 heads of W = 19, 4 of
+# W = 6 and of W = 5).
 CASES = [
     (2, 2, 20, 37, 8, 5, True, 0.7, None),
     (1, 1, 20, 37, 64, 19, True, 0.3, None),
@@ -55,6 +57,8 @@ CASES = [
     (1, 1, 1, 23, 8, 5, True, 1.0, None),
     (1, 1, 17, 1, 5, 7, True, 1.0, 2),
     (2, 2, 12, 21, 8, 9, True, 0.8, 16),
+    (2, 4, 9, 6, 8, 5, True, 0.9, None),
+    (1, 8, 7, 5, 4, 7, True, 1.1, None),
 ]
 
 

@@ -364,7 +364,6 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
 template <typename S, typename T>
 void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h, int t,
                    BackwardWorkspace<T>& ws) {
-  constexpr int L = kLanes<T>;
   const int D = shape.channels, W = shape.width;
   const int row0 = bands.begin(t), row1 = bands.end(t);
   const int hb = halo_begin(shape, bands, t), he = halo_end(shape, bands, t);
@@ -387,24 +386,17 @@ void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S,
   }
   const Plane<S> dq = args.dq.plane(b, h);
   for (int i = row0; i < row1; ++i) {
-    T* rows = ws.dq.data() + static_cast<int64_t>(i - row0) * D * ws.wp;
-    for (int x0 = 0; x0 < W; x0 += L) {
-      store_pixels(dq, i, x0, W - x0 < L ? W - x0 : L, Strided<T>{rows + x0, ws.wp}, D, args.scale);
-    }
+    store_row(&dq, 1, i, W, ws.dq.data() + static_cast<int64_t>(i - row0) * D * ws.wp, ws.wp, D, args.scale);
   }
 }
 
 // dK and dV of key row a of (b, h) from ``row``, halo-row layout ([dK, dV][D][padded W]).
 template <typename S, typename T>
 void store_key_row(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h, int a, T* row) {
-  constexpr int L = kLanes<T>;
   const int D = shape.channels, W = shape.width, wp = padded_width<T>(W);
   const Plane<S> dk = args.dk.plane(b, h), dv = args.dv.plane(b, h);
-  for (int x0 = 0; x0 < W; x0 += L) {
-    const int n = W - x0 < L ? W - x0 : L;
-    store_pixels(dk, a, x0, n, Strided<T>{row + x0, wp}, D, T(1));
-    store_pixels(dv, a, x0, n, Strided<T>{row + static_cast<int64_t>(D) * wp + x0, wp}, D, T(1));
-  }
+  store_row(&dk, 1, a, W, row, wp, D, T(1));
+  store_row(&dv, 1, a, W, row + static_cast<int64_t>(D) * wp, wp, D, T(1));
 }
 
 // dK and dV of key row a of (b, h): the halo rows of every band that touches it, summed in band order (a

@@ -49,21 +49,56 @@ struct VectorAt {
   Vec<T> operator()(int j, int u) const { return load(base + j * j_stride + u * u_stride); }
 };
 
-// right(j, u) = the vector at base + j * j_stride + u: a packed row shifted by u columns, channel j
-// (VectorAt with u_stride 1, known at compile time: the u offsets become constant displacements).
-template <typename T>
+// right(j, u) = the vector at base + j * j_stride + u * STEP: a packed row shifted by u columns of STEP lanes each
+// (pack.h's interleaved heads), channel j (VectorAt with u_stride STEP, known at compile time: the u offsets become
+// constant displacements).
+template <typename T, int STEP = 1>
 struct Shifted {
   const T* base;
   int64_t j_stride;
-  Vec<T> operator()(int j, int u) const { return load(base + j * j_stride + u); }
+  Vec<T> operator()(int j, int u) const { return load(base + j * j_stride + u * STEP); }
 };
 
-// right(j, u) = base[j * j_stride + u * u_stride] on every lane (a relative embedding entry).
-template <typename T>
+// The PERIOD values at p repeated across the lanes (lane l gets p[l % PERIOD]; PERIOD divides kLanes): one
+// broadcast from memory.
+template <typename T, int PERIOD>
+inline Vec<T> periodic(const T* p) {
+  static_assert(kLanes<T> % PERIOD == 0, "PERIOD must divide the lanes");
+  if constexpr (PERIOD == 1) {
+    return splat(*p);
+  } else if constexpr (PERIOD == kLanes<T>) {
+    return load(p);
+#if defined(__AVX512F__)
+  } else if constexpr (sizeof(T) == 4 && PERIOD == 2) {
+    double pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return reinterpret_cast<Vec<T>>(_mm512_set1_pd(pair));
+  } else if constexpr (sizeof(T) == 4 && PERIOD == 4) {
+    return reinterpret_cast<Vec<T>>(_mm512_broadcast_f32x4(_mm_loadu_ps(reinterpret_cast<const float*>(p))));
+  } else if constexpr (sizeof(T) == 4 && PERIOD == 8) {
+    return reinterpret_cast<Vec<T>>(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p))));
+#elif defined(__AVX2__)
+  } else if constexpr (sizeof(T) == 4 && PERIOD == 2) {
+    double pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return reinterpret_cast<Vec<T>>(_mm256_set1_pd(pair));
+  } else if constexpr (sizeof(T) == 4 && PERIOD == 4) {
+    return reinterpret_cast<Vec<T>>(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)));
+#endif
+  } else {  // fp64 (the tests' accumulation type)
+    Vec<T> v;
+    for (int l = 0; l < kLanes<T>; ++l) v[l] = p[l % PERIOD];
+    return v;
+  }
+}
+
+// right(j, u) = the PERIOD values at base + (j * j_stride + u * u_stride) PERIOD repeated across the lanes: a
+// relative embedding entry of each of PERIOD interleaved heads (one value on every lane where PERIOD is 1).
+template <typename T, int PERIOD = 1>
 struct ScalarAt {
   const T* base;
   int64_t j_stride, u_stride;
-  Vec<T> operator()(int j, int u) const { return splat(base[j * j_stride + u * u_stride]); }
+  Vec<T> operator()(int j, int u) const { return periodic<T, PERIOD>(base + (j * j_stride + u * u_stride) * PERIOD); }
 };
 
 inline constexpr int kRegisters = kVectorBytes == 64 ? 32 : 16;  // vector registers of the ISA

@@ -1,8 +1,9 @@
-// Forward of the fused CPU kernel: one task = the query rows of one band of one (batch, head).
+// Forward of the fused CPU kernel: one task = the query rows of one band of one image's group of heads (one head,
+// or 2 or 4 whose pixels share the vectors where one head's row would leave lanes empty: forward_interleave).
 //
 // The task walks its query rows kGroupRows at a time, packing the key/value rows the windows add and
-// the query rows (times scale) as it goes (pack.h). A query block is kLanes consecutive pixels of one
-// row, its q one vector per channel; the blocks at the same columns of a group's rows go together, so
+// the query rows (times scale) as it goes (pack.h). A query block is kLanes consecutive lanes of one
+// row (pixels, or pixels of interleaved heads), its q one vector per channel; the blocks at the same columns of a group's rows go together, so
 // each load of a key or value row feeds the FMAs of every row of the group whose window holds it
 // (contract.h). For every key row of the
 // windows: the logits of all k column offsets (D FMAs per offset, the key row loaded shifted by the
@@ -30,12 +31,32 @@ inline constexpr int kGroupRows = 4;
 inline constexpr int kGroupRows = 3;
 #endif
 
-// Default band of the forward: whole groups, as few bands per (batch, head) plane as give each thread
-// about 4 tasks. Each band packs its halo of 2r key rows again (at k = 19, 28x28, the backward's band of
-// 18 rows measured 4% slower than one band per plane). Groups start at multiples of kGroupRows whatever
-// the band, so the forward's results depend neither on this choice nor on the thread count behind it.
-inline int default_forward_band(const Shape& s, int threads) {
-  const int planes = s.batch * s.heads, tasks_wanted = 4 * threads;
+// Heads whose pixels share the forward's vectors (pack.h's interleaving): where W pixels leave part of a row's last
+// vector empty (28 columns in 32 lanes), the smallest power of two up to kMaxInterleave that divides the heads and
+// leaves the fewest empty lanes per pixel (4 heads of 28 columns fill 7 vectors of 16 lanes exactly; 2 heads of 56
+// or of 7 columns). Against one head per row, k = 19, 8 heads, AMD Zen 4 f25m17, 2 threads: 28 x 28 0.93 (batch 8)
+// and 0.95 (batch 1), 56 x 56 batch 2 0.88, 7 x 7 batch 8 0.62; k = 3 and 7 at 28 x 28 1.01. 8 heads of 14 columns
+// (a shift by one column is 8 lanes: each block's window spans 160 lanes of every key row) took 1.19x the time at
+// batch 1.
+
+template <typename T>
+inline int forward_interleave(const Shape& s) {
+  int best = 1;
+  for (int m = 2; m <= kMaxInterleave && m <= kLanes<T> && s.heads % m == 0; m *= 2) {
+    // padded(m W) / (m W) < padded(best W) / (best W), in integers
+    const int64_t lanes = padded_width<T>(m * s.width), best_lanes = padded_width<T>(best * s.width);
+    if (lanes * best < best_lanes * m) best = m;
+  }
+  return best;
+}
+
+// Default band of the forward: whole groups, as few bands per plane (a batch's group of ``interleave`` heads) as
+// give each thread a task. Each band packs its halo of 2r key rows again: at k = 19, 28 x 28, batch 1, the 2 planes
+// of 4 interleaved heads in 8 bands took 1.08x the time of 2 whole planes (and an earlier kernel's backward, bands
+// of 18 rows, 1.04x one band per plane). Groups start at multiples of kGroupRows whatever the band, so the
+// forward's results depend neither on this choice nor on the thread count behind it.
+inline int default_forward_band(const Shape& s, int threads, int interleave) {
+  const int planes = s.batch * (s.heads / interleave), tasks_wanted = threads;
   const int bands = planes >= tasks_wanted ? 1 : (tasks_wanted + planes - 1) / planes;
   const int groups = (s.height + kGroupRows - 1) / kGroupRows;
   return kGroupRows * ((groups + bands - 1) / bands);
@@ -51,23 +72,24 @@ struct ForwardArgs {
   T* lse;  // (B, heads, H, W) contiguous
 };
 
-// Per-thread buffers: the packed rows (a ring of the 2r + kGroupRows key and value rows one group of
+// Per-thread buffers (rows of ``interleave`` heads): the packed rows (a ring of the 2r + kGroupRows key and value rows one group of
 // query rows needs: memory independent of the band), per group row g k row terms, k column terms and
 // k logits, and the group's results in the accumulation type (y as [row][D][padded W], the log-sum-exp
 // as [row][padded W]) until they are stored in the caller's dtype and layout.
 template <typename T>
 struct ForwardWorkspace {
-  int wp;
+  int interleave, wp;  // heads per packed row; its lanes, padded
   PackedRows<T> q, k, v;
   RelTables<T> rel;
   VecBuffer<T> row_terms, col_terms, logits;
   std::vector<T> y, lse;
 
-  explicit ForwardWorkspace(const Shape& s)
-      : wp(padded_width<T>(s.width)),
-        q(kGroupRows, s.channels, s.width, s.radius()),
-        k(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius()),
-        v(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius()),
+  ForwardWorkspace(const Shape& s, int interleave)
+      : interleave(interleave),
+        wp(padded_width<T>(s.width * interleave)),
+        q(kGroupRows, s.channels, s.width, s.radius(), interleave),
+        k(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius(), interleave),
+        v(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius(), interleave),
         row_terms(kGroupRows * s.kernel_size),
         col_terms(kGroupRows * s.kernel_size),
         logits(kGroupRows * s.kernel_size),
@@ -98,9 +120,9 @@ inline Vec<T> row_max(Strided<T> v, int n) {
   return vmax(vmax(m0, m1), vmax(m2, m3));
 }
 
-// The attention of the query rows [i0, i0 + rows), rows <= kGroupRows, from the packed rows into ws.y
-// and ws.lse. Independent of the caller's dtype (one instance per accumulation type).
-template <typename T>
+// The attention of the query rows [i0, i0 + rows), rows <= kGroupRows, from the packed rows (HEADS = ws.interleave
+// heads per row) into ws.y and ws.lse. Independent of the caller's dtype (one instance per accumulation type).
+template <typename T, int HEADS>
 __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace<T>& ws, int i0, int rows) {
   constexpr int L = kLanes<T>, G = kGroupRows;
   const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height, wp = ws.wp;
@@ -121,13 +143,13 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
       l[g] = Vec<T>{};
       for (int d = 0; d < D; ++d) acc[g].set(d, Vec<T>{});
     }
-    block_terms<T, G>(rows, row_terms, col_terms, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
+    block_terms<T, G, HEADS>(rows, row_terms, col_terms, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
     for (int a = window_begin(i0, r); a < window_end(i0 + rows - 1, r, H); ++a) {
       int first, last;  // the group's rows whose windows hold key row a
       rows_within(a, i0, rows, r, first, last);
       for (int g = first; g <= last; ++g) row_term[g] = row_terms[g].get(offset_index(i0 + g, a, r));
       contract_rows<T, G>(last - first + 1, logits + first, k, RowPlusColumns<T>{row_term + first, col_terms + first},
-                          queries + first, Shifted<T>{ws.k.at(a, 0, x0 - r), cs}, D);
+                          queries + first, Shifted<T, HEADS>{ws.k.at(a, 0, x0 - r * HEADS), cs}, D);
       bool rescaled = false;
       for (int g = first; g <= last; ++g) {
         const Vec<T> row_max_log2e = row_max(logits[g], k) * static_cast<T>(kLog2e);
@@ -149,7 +171,7 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
         }
         l[g] += sum;
       }
-      const VectorAt<T> values{ws.v.at(a, 0, x0 - r), 1, cs};
+      const VectorAt<T> values{ws.v.at(a, 0, x0 - r * HEADS), HEADS, cs};
       if (rescaled) {
         contract_rows<T, G>(last - first + 1, acc + first, D, Rescale<T>{acc + first, alpha + first}, probs + first, values, k);
       } else {
@@ -164,32 +186,48 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
   }
 }
 
-// One task: the query rows [row0, row1) of (b, h), a group of rows at a time: pack the key and value
-// rows the group's windows add (each row once per task) and its query rows, compute, store y and the
-// log-sum-exp.
+// forward_rows with HEADS = ws.interleave (a power of two up to kMaxInterleave and kLanes).
+template <typename T, int HEADS = 1>
+void forward_rows_of(const Shape& shape, ForwardWorkspace<T>& ws, int i0, int rows) {
+  if constexpr (2 * HEADS <= kMaxInterleave && 2 * HEADS <= kLanes<T>) {
+    if (ws.interleave > HEADS) return forward_rows_of<T, 2 * HEADS>(shape, ws, i0, rows);
+  }
+  forward_rows<T, HEADS>(shape, ws, i0, rows);
+}
+
+// One task: the query rows [row0, row1) of heads [h0, h0 + ws.interleave) of image b, a group of rows at a time:
+// pack the key and value rows the group's windows add (each row once per task) and its query rows, compute, store
+// y and the log-sum-exp.
 template <typename S, typename T>
-void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int h, int row0, int row1,
+void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int h0, int row0, int row1,
                   ForwardWorkspace<T>& ws) {
-  constexpr int L = kLanes<T>, G = kGroupRows;
-  const int r = shape.radius(), D = shape.channels, H = shape.height, W = shape.width;
-  if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h);
-  const Plane<S> out = args.out.plane(b, h);
-  T* lse = args.lse + (static_cast<int64_t>(b) * shape.heads + h) * H * W;
+  constexpr int G = kGroupRows;
+  const int r = shape.radius(), D = shape.channels, H = shape.height, W = shape.width, heads = ws.interleave;
+  if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h0, heads);
+  Plane<const S> q[kMaxInterleave], k[kMaxInterleave], v[kMaxInterleave];
+  Plane<S> out[kMaxInterleave];
+  for (int s = 0; s < heads; ++s) {
+    q[s] = args.q.plane(b, h0 + s);
+    k[s] = args.k.plane(b, h0 + s);
+    v[s] = args.v.plane(b, h0 + s);
+    out[s] = args.out.plane(b, h0 + s);
+  }
   int packed = window_begin(row0, r);  // key rows below are packed
   for (int i0 = row0; i0 < row1; i0 += G) {
     const int rows = row1 - i0 < G ? row1 - i0 : G;
     const int keys_end = window_end(i0 + rows - 1, r, H);
-    ws.k.pack(args.k.plane(b, h), packed, keys_end, T(1));
-    ws.v.pack(args.v.plane(b, h), packed, keys_end, T(1));
+    ws.k.pack(k, packed, keys_end, T(1));
+    ws.v.pack(v, packed, keys_end, T(1));
     packed = keys_end;
-    ws.q.pack(args.q.plane(b, h), i0, i0 + rows, args.scale);
-    forward_rows(shape, ws, i0, rows);
+    ws.q.pack(q, i0, i0 + rows, args.scale);
+    forward_rows_of(shape, ws, i0, rows);
     for (int g = 0; g < rows; ++g) {
-      T* y = ws.y.data() + static_cast<int64_t>(g) * D * ws.wp;
-      for (int x0 = 0; x0 < W; x0 += L) {
-        store_pixels(out, i0 + g, x0, W - x0 < L ? W - x0 : L, Strided<T>{y + x0, ws.wp}, D, T(1));
+      store_row(out, heads, i0 + g, W, ws.y.data() + static_cast<int64_t>(g) * D * ws.wp, ws.wp, D, T(1));
+      const T* lse_lanes = ws.lse.data() + static_cast<int64_t>(g) * ws.wp;
+      for (int s = 0; s < heads; ++s) {
+        T* lse = args.lse + ((static_cast<int64_t>(b) * shape.heads + h0 + s) * H + i0 + g) * W;
+        for (int x = 0; x < W; ++x) lse[x] = lse_lanes[x * heads + s];
       }
-      std::copy_n(ws.lse.data() + static_cast<int64_t>(g) * ws.wp, W, lse + static_cast<int64_t>(i0 + g) * W);
     }
   }
 }

@@ -106,10 +106,10 @@ struct Task {
   int b, h, band;
 };
 
-Task task_of(const Shape& s, int64_t task) {
-  const int64_t planes = static_cast<int64_t>(s.batch) * s.heads;
+Task task_of(int batch, int heads, int64_t task) {
+  const int64_t planes = static_cast<int64_t>(batch) * heads;
   const int plane = task % planes;
-  return {plane / s.heads, plane % s.heads, static_cast<int>(task / planes)};
+  return {plane / heads, plane % heads, static_cast<int>(task / planes)};
 }
 
 // The machine's logical CPUs (not the threads a call runs on): the backward's default band depends on it.
@@ -145,7 +145,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
                                 int64_t kernel_size, double scale, bool poison, int64_t band) {
   const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
-  const Bands bands{shape.height, band > 0 ? static_cast<int>(band) : default_forward_band(shape, at::get_num_threads())};
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -157,11 +156,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                         shape.has_rel ? rows.data_ptr<scalar_t>() : nullptr,
                                         shape.has_rel ? cols.data_ptr<scalar_t>() : nullptr,
                                         static_cast<T>(scale), view5<scalar_t>(out), lse.data_ptr<T>()};
-    run_tasks(static_cast<int64_t>(shape.batch) * shape.heads * bands.count(),
-              [&] { return ForwardWorkspace<T>(shape); },
+    const int interleave = forward_interleave<T>(shape), groups = shape.heads / interleave;
+    const Bands bands{shape.height, band > 0 ? static_cast<int>(band)
+                                             : default_forward_band(shape, at::get_num_threads(), interleave)};
+    run_tasks(static_cast<int64_t>(shape.batch) * groups * bands.count(),
+              [&] { return ForwardWorkspace<T>(shape, interleave); },
               [&](ForwardWorkspace<T>& ws, int64_t task) {
-                const Task t = task_of(shape, task);
-                forward_task(shape, args, t.b, t.h, bands.begin(t.band), bands.end(t.band), ws);
+                const Task t = task_of(shape.batch, groups, task);  // t.h: a group of interleave heads
+                forward_task(shape, args, t.b, t.h * interleave, bands.begin(t.band), bands.end(t.band), ws);
               });
   });
   return {out, lse};
@@ -204,7 +206,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         partial.data_ptr<T>()};
     run_tasks(tasks, [&] { return BackwardWorkspace<T>(shape, bands.band); },
               [&](BackwardWorkspace<T>& ws, int64_t task) {
-                const Task t = task_of(shape, task);
+                const Task t = task_of(shape.batch, shape.heads, task);
                 backward_task(shape, bands, args, t.b, t.h, t.band, ws);
               });
     if (bands.count() > 1) {  // one band per plane: its task stored dK and dV

@@ -13,18 +13,22 @@
 
 namespace sasa::cpu {
 
-// rel_row[h] (k x Dr) and rel_col[h] (k x (D - Dr)) of one head in the accumulation type.
+// rel_row (k x Dr) and rel_col (k x (D - Dr)) of ``count`` heads from ``head`` in the accumulation type, the heads'
+// values of one entry side by side ([o][d][head]: ScalarAt's PERIOD = count, pack.h's interleaved heads).
 template <typename T>
 struct RelTables {
   std::vector<T> rows, cols;
 
   template <typename S>
-  void load(const Shape& shape, const S* rel_row, const S* rel_col, int head) {
+  void load(const Shape& shape, const S* rel_row, const S* rel_col, int head, int count = 1) {
     const int k = shape.kernel_size, dr = shape.row_channels(), dc = shape.col_channels();
-    rows.assign(static_cast<size_t>(k) * dr, T(0));
-    cols.assign(static_cast<size_t>(k) * dc, T(0));
-    for (int i = 0; i < k * dr; ++i) rows[i] = static_cast<T>(rel_row[static_cast<int64_t>(head) * k * dr + i]);
-    for (int i = 0; i < k * dc; ++i) cols[i] = static_cast<T>(rel_col[static_cast<int64_t>(head) * k * dc + i]);
+    rows.assign(static_cast<size_t>(k) * dr * count, T(0));
+    cols.assign(static_cast<size_t>(k) * dc * count, T(0));
+    for (int s = 0; s < count; ++s) {
+      const int64_t h = head + s;
+      for (int i = 0; i < k * dr; ++i) rows[i * count + s] = static_cast<T>(rel_row[h * k * dr + i]);
+      for (int i = 0; i < k * dc; ++i) cols[i * count + s] = static_cast<T>(rel_col[h * k * dc + i]);
+    }
   }
 };
 
@@ -37,19 +41,20 @@ struct RowPlusColumns {
   Vec<T> operator()(int r, int u) const { return row[r] + cols[r].get(u); }
 };
 
-// Row terms (k vectors) and masked column terms (k vectors) of ``rows`` query blocks at columns x0 ..
-// x0 + lanes of packed query rows (block g's channel d at queries[g](d)), rows <= MAXROWS: one
-// contraction for all rows, so each load of a table entry feeds every row. Without relative logits the
-// terms are 0 (and the mask, the same for every row: it depends on the columns only).
-template <typename T, int MAXROWS>
+// Row terms (k vectors) and masked column terms (k vectors) of ``rows`` query blocks at lanes x0 .. x0 + kLanes of
+// packed query rows whose lanes interleave HEADS heads (pack.h: lane x0 + l is column (x0 + l) / HEADS; block g's
+// channel d at queries[g](d)), rows <= MAXROWS: one contraction for all rows, so each load of a table entry feeds
+// every row. Without relative logits the terms are 0 (and the mask, the same for every row: it depends on the
+// columns only).
+template <typename T, int MAXROWS, int HEADS = 1>
 void block_terms(int rows, const Strided<T>* row_terms, const Strided<T>* col_terms, const Loads<T>* queries,
                  const Shape& shape, const RelTables<T>* rel, int x0) {
   const int k = shape.kernel_size, r = shape.radius(), dr = shape.row_channels(), dc = shape.col_channels();
   if (rel != nullptr) {
     Loads<T> col_queries[MAXROWS];
     for (int g = 0; g < rows; ++g) col_queries[g] = {queries[g].base + dr * queries[g].stride, queries[g].stride};
-    contract_rows<T, MAXROWS>(rows, row_terms, k, Zero<T>{}, queries, ScalarAt<T>{rel->rows.data(), 1, dr}, dr);
-    contract_rows<T, MAXROWS>(rows, col_terms, k, Zero<T>{}, col_queries, ScalarAt<T>{rel->cols.data(), 1, dc}, dc);
+    contract_rows<T, MAXROWS>(rows, row_terms, k, Zero<T>{}, queries, ScalarAt<T, HEADS>{rel->rows.data(), 1, dr}, dr);
+    contract_rows<T, MAXROWS>(rows, col_terms, k, Zero<T>{}, col_queries, ScalarAt<T, HEADS>{rel->cols.data(), 1, dc}, dc);
   } else {
     for (int g = 0; g < rows; ++g) {
       for (int o = 0; o < k; ++o) {
@@ -59,12 +64,12 @@ void block_terms(int rows, const Strided<T>* row_terms, const Strided<T>* col_te
     }
   }
   constexpr int L = kLanes<T>;
-  if (x0 >= r && x0 + L - 1 + r < shape.width) return;  // every key column of the block is inside
+  if (x0 / HEADS >= r && (x0 + L - 1) / HEADS + r < shape.width) return;  // every key column of the block is inside
   for (int c = 0; c < k; ++c) {
     for (int g = 0; g < rows; ++g) {
       Vec<T> terms = col_terms[g].get(c);
       for (int lane = 0; lane < L; ++lane) {
-        if (!inside(key_at(x0 + lane, c, r), shape.width)) terms[lane] = static_cast<T>(kMaskedLogit);
+        if (!inside(key_at((x0 + lane) / HEADS, c, r), shape.width)) terms[lane] = static_cast<T>(kMaskedLogit);
       }
       col_terms[g].set(c, terms);
     }
