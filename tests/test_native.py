@@ -46,8 +46,8 @@ def assert_matches_reference(inputs, kernel_size, scale, **options):
 # multiple of any lane count; H = 20 > the default band (8 at k <= 9), bands of 1 and 3 rows (an odd last group of
 # rows), D = 64 and odd D, k = 19 with halo rows beyond every band, k larger than the image, batch > 1 (relative
 # gradients summed over batch and bands), one-row and one-column images, one band per plane (its task stores dK, dV),
-# and the forward's interleaved heads (forward.h's forward_interleave; in fp64 with 8 lanes: 2 heads of W = 19, 4 of
-# W = 6 and of W = 5).
+# and interleaved heads (problem.h's interleaved_heads; in fp64 with 8 lanes: 2 heads of W = 19 and of W = 11, the
+# latter in bands of 4 rows whose halo rows are summed, forward and backward; 4 heads of W = 6 and of W = 5 forward).
 CASES = [
     (2, 2, 20, 37, 8, 5, True, 0.7, None),
     (1, 1, 20, 37, 64, 19, True, 0.3, None),
@@ -59,6 +59,7 @@ CASES = [
     (2, 2, 12, 21, 8, 9, True, 0.8, 16),
     (2, 4, 9, 6, 8, 5, True, 0.9, None),
     (1, 8, 7, 5, 4, 7, True, 1.1, None),
+    (2, 2, 10, 11, 8, 5, True, 0.8, 4),
 ]
 
 
@@ -183,11 +184,16 @@ def test_inference_skips_autograd_and_gives_the_training_bits():
 
 
 def test_repeated_backward_is_bitwise_deterministic():
+    """Calls of one shape reuse each thread's workspace (sasa_cpu.cpp's thread_workspace); a call of another shape
+    between them replaces it: the results depend on neither."""
     inputs = random_inputs(2, 2, 10, 9, 8, 5, True, dtype=torch.float32, requires_grad=True)
     cotangent = torch.randn(2, 2, 10, 9, 8)
     first, second = run_all(inputs, 5, cotangent), run_all(inputs, 5, cotangent)
-    for name, a, b in zip(("out", *NAMES), first, second):
-        assert torch.equal(a, b), name
+    other = random_inputs(1, 2, 12, 30, 8, 7, True, dtype=torch.float32, requires_grad=True)
+    run_all(other, 7, torch.randn(1, 2, 12, 30, 8))
+    third = run_all(inputs, 5, cotangent)
+    for name, a, b, c in zip(("out", *NAMES), first, second, third):
+        assert torch.equal(a, b) and torch.equal(a, c), name
 
 
 # fp32 accumulation: the error is the output's own rounding (the gradients' relative to their scale).

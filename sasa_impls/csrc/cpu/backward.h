@@ -1,14 +1,16 @@
 // Backward of the fused CPU kernel, flash-style: the probabilities are recomputed from the saved
 // log-sum-exp, p = exp(s - lse), dS = p (dP - delta) with dP = dO . v and delta = dO . O per query.
 //
-// One task = the query rows of one band of one (batch, head), taken kBackwardGroupRows at a time, against the
+// One task = the query rows of one band of one image's group of heads (one head, or 2 whose pixels share the vectors
+// where one head's row would leave lanes empty: kBackwardInterleave), taken kBackwardGroupRows at a time, against the
 // key rows of their windows, kBackwardKeyRows at a time. For each key row, a query-centric sweep over
 // the rows' blocks computes p and dS for all k column offsets (the logits and dP as in the forward),
 // accumulates dQ += dS k (a shifted key row, as the forward aggregates v) and the per-query sums of dS
 // over each row offset and each column offset (the relative gradients' k + k values per query), and
 // leaves p and dS of each (query row, key row) pair (k values per pixel) in scratch. For each query
 // row, a key-centric sweep over the key rows then reads them diagonally (key x, offset c pairs with
-// query x - c + r) for dK += dS q and dV += p dO, with the key row's pixels in the lanes. Grouping
+// query x - c + r) for dK += dS q and dV += p dO, with the key row's pixels in the lanes (shifts of whole pixels:
+// the interleaved heads' lanes). Grouping
 // rows lets each shifted load feed the FMAs of every row of a group (3 or 4 rows, below; contract.h). Each contraction is the
 // forward's microkernel: 5 D MACs per (query, key) pair. Where every query row of a group meets every key row of a
 // key group (the window's middle, 16 of 22 key rows at k = 19), dQ sums the key rows' pairs and dK and dV the query
@@ -46,6 +48,14 @@ inline constexpr int kBackwardGroupRows = 4, kBackwardKeyRows = 4;
 inline constexpr int kBackwardGroupRows = 3, kBackwardKeyRows = 3;
 #endif
 
+// Heads interleaved in the backward's packed rows (interleaved_heads): at most 2. Its per-task buffers grow with a
+// row's lanes (the p / dS scratch, the band's rows of dQ and of the relative sums, the plane's dK / dV halo: about
+// 2.7 MB per thread for 4 heads of 28 x 28 at k = 19, against 1 MB of L2 on a Zen 4), and 4 heads of 28 x 28 took
+// 0.95-1.02x the time of one head per row at batch 8, 1.006-1.026x in the layer's chained kernels, 1.14x at k = 3.
+// 2 heads, against one (AMD Zen 4 f25m17, 2 threads): 56 x 56 batch 2 k = 19 0.966, k = 7 and 3 1.03; 7 x 7 batch
+// 8 k = 19 0.605, k = 7 0.789, k = 3 0.892.
+inline constexpr int kBackwardInterleave = 2;
+
 template <typename S, typename T>
 struct BackwardArgs {
   Tensor5<const S> q, k, v, out, grad_out;
@@ -54,32 +64,33 @@ struct BackwardArgs {
   const T* lse;  // (B, heads, H, W) contiguous
   T scale;
   Tensor5<S> dq, dk, dv;
-  T* halo;                     // every task's halo rows: [rows][dK, dV][D][padded W]; unused with one band per plane
-  const int64_t* halo_offset;  // first halo row of band t within one (batch, head), t <= band count
-  T* rel_partial;              // (tasks, k, D): per-task relative gradients, or nullptr
+  T* halo;                     // every task's halo rows: [rows][dK, dV][D][lanes]; unused with one band per plane
+  const int64_t* halo_offset;  // first halo row of band t within one plane, t <= band count
+  T* rel_partial;              // (B, heads, bands, k, D): per-task relative gradients, or nullptr
 };
 
 // Halo rows of a band: the key rows its queries' windows touch.
 inline int halo_begin(const Shape& s, const Bands& bands, int t) { return window_begin(bands.begin(t), s.radius()); }
 inline int halo_end(const Shape& s, const Bands& bands, int t) { return window_end(bands.end(t) - 1, s.radius(), s.height); }
 
-// Elements of one halo row: dK and dV of all channels, padded width.
+// Elements of one halo row: dK and dV of all channels, a packed row's lanes (padded).
 template <typename T>
 inline int64_t halo_row_size(const Shape& s) {
-  return 2 * static_cast<int64_t>(s.channels) * padded_width<T>(s.width);
+  return 2 * static_cast<int64_t>(s.channels) * padded_width<T>(s.lanes());
 }
 
-// The p / dS scratch rows: query column 0 at ``margin`` (r rounded up to whole vectors: the stores of the
-// exp loop and the loads of dQ's contraction are aligned; at r = 9 every one straddled two cache lines), r
-// or more zero columns after the padded width, rows of whole vectors.
+// The p / dS scratch rows: query lane 0 at ``margin`` (r columns of lanes rounded up to whole vectors: the stores
+// of the exp loop and the loads of dQ's contraction are aligned; at r = 9 every one straddled two cache lines), r
+// or more zero columns after the padded lanes, rows of whole vectors.
 template <typename T>
-inline int scratch_margin(const Shape& s) { return padded_width<T>(s.radius()); }
+inline int scratch_margin(const Shape& s) { return padded_width<T>(s.radius() * s.interleave); }
 
 template <typename T>
 struct BackwardWorkspace {
-  int wp, margin, ws;  // padded width; query column 0 of a scratch row; width of a scratch row
+  int wp, margin, ws;  // padded lanes; query lane 0 of a scratch row; width of a scratch row
   int64_t pair_size;   // k * ws: p or dS of one (query row, key row) pair
   PackedRows<T> q, grad_out, k, v;
+  PackedRows<T> out;                      // one row of O, for delta
   RelTables<T> rel;
   std::vector<T> lse, delta;              // [band rows][wp]
   std::vector<T> row_terms, col_terms;    // [G][k][wp]: the relative terms of the group's query rows
@@ -90,14 +101,15 @@ struct BackwardWorkspace {
   std::vector<T> plane_halo;              // with one band per plane: the plane's dK and dV, [H][dK, dV][D][wp]
 
   BackwardWorkspace(const Shape& s, int band)
-      : wp(padded_width<T>(s.width)),
+      : wp(padded_width<T>(s.lanes())),
         margin(scratch_margin<T>(s)),
-        ws(padded_width<T>(margin + wp + s.radius())),
+        ws(padded_width<T>(margin + wp + s.radius() * s.interleave)),
         pair_size(static_cast<int64_t>(s.kernel_size) * ws),
-        q(band, s.channels, s.width, s.radius()),
-        grad_out(band, s.channels, s.width, s.radius()),
-        k(band + 2 * s.radius(), s.channels, s.width, s.radius()),
-        v(band + 2 * s.radius(), s.channels, s.width, s.radius()),
+        q(band, s.channels, s.width, s.radius(), s.interleave),
+        grad_out(band, s.channels, s.width, s.radius(), s.interleave),
+        k(band + 2 * s.radius(), s.channels, s.width, s.radius(), s.interleave),
+        v(band + 2 * s.radius(), s.channels, s.width, s.radius(), s.interleave),
+        out(1, s.channels, s.width, s.radius(), s.interleave),
         lse(static_cast<size_t>(band) * wp),
         delta(static_cast<size_t>(band) * wp),
         row_terms(static_cast<size_t>(kBackwardGroupRows) * s.kernel_size * wp),
@@ -115,35 +127,48 @@ struct BackwardWorkspace {
   T* pair(VecBuffer<T>& scratch, int g, int e) { return scratch.data() + (g * kBackwardKeyRows + e) * pair_size; }
 };
 
-// lse and delta = dO . O of the band's query rows; padding lanes get lse = +1e30, which makes their
-// p (and so their dS) exactly 0: they never reach dK, dV or the relative gradients.
+// lse and delta = dO . O of the band's query rows, heads [h0, h0 + interleave) in the packed rows' lanes; padding
+// lanes get lse = +1e30, which makes their p (and so their dS) exactly 0: they never reach dK, dV or the relative
+// gradients.
 template <typename S, typename T>
-void load_row_stats(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h, int row0, int row1,
+void load_row_stats(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h0, int row0, int row1,
                     BackwardWorkspace<T>& ws) {
-  const int W = shape.width, D = shape.channels;
-  const Plane<const S> out = args.out.plane(b, h);
-  const T* lse = args.lse + (static_cast<int64_t>(b) * shape.heads + h) * shape.height * W;
+  const int W = shape.width, D = shape.channels, heads = shape.interleave;
+  const auto out = args.out.planes(b, h0, heads);
   for (int i = row0; i < row1; ++i) {
     T* lse_row = ws.lse.data() + static_cast<int64_t>(i - row0) * ws.wp;
     T* delta_row = ws.delta.data() + static_cast<int64_t>(i - row0) * ws.wp;
-    for (int x = 0; x < ws.wp; ++x) {
-      lse_row[x] = x < W ? lse[static_cast<int64_t>(i) * W + x] : static_cast<T>(-kMaskedLogit);
-      delta_row[x] = T(0);
+    std::fill(lse_row, lse_row + ws.wp, static_cast<T>(-kMaskedLogit));
+    for (int s = 0; s < heads; ++s) {
+      const T* lse = args.lse + ((static_cast<int64_t>(b) * shape.heads + h0 + s) * shape.height + i) * W;
+      for (int x = 0; x < W; ++x) lse_row[x * heads + s] = lse[x];
     }
+    ws.out.pack(out.of, i, i + 1, T(1));  // O's row in the lanes of dO's
+    std::fill(delta_row, delta_row + ws.wp, T(0));
     for (int d = 0; d < D; ++d) {
       const T* g = ws.grad_out.at(i, d, 0);
-      for (int x = 0; x < W; ++x) delta_row[x] += g[x] * static_cast<T>(out(i, x, d));
+      const T* o = ws.out.at(i, d, 0);
+      for (int x = 0; x < ws.wp; ++x) delta_row[x] += g[x] * o[x];
     }
   }
 }
 
+// The sum of the lanes l of v with l % period == phase, in lane order (hsum where period is 1).
+template <typename V>
+inline auto lane_sum(V v, int phase, int period) {
+  auto total = v[phase];
+  for (size_t l = phase + period; l < sizeof(V) / sizeof(total); l += period) total += v[l];
+  return total;
+}
+
 // The (scaled) relative gradients of a band: out[o][d] = sum over its pixels of sums[o] q[d] for the channels
-// [d_begin, d_end), sums = ws.ds_rows (the row channels) or ws.ds_cols. A k x D product reduced over the
-// band's pixels, in tiles of NO offsets x NC channels whose accumulators stay in registers for the whole band
-// (accumulating into memory per pixel block had one load and one store per FMA: 7% of a k = 19 backward).
+// [d_begin, d_end), sums = ws.ds_rows (the row channels) or ws.ds_cols; head s of the interleaved ones at out + s
+// head_stride. A k x D product reduced over the band's pixels, in tiles of NO offsets x NC channels whose
+// accumulators stay in registers for the whole band (accumulating into memory per pixel block had one load and one
+// store per FMA: 7% of a k = 19 backward).
 template <typename T, int NO, int NC>
 void sum_products_tile(const Shape& shape, const BackwardWorkspace<T>& ws, const std::vector<T>& sums, int o0, int d0,
-                       int row0, int row1, T* out) {
+                       int row0, int row1, T* out, int64_t head_stride) {
   constexpr int L = kLanes<T>;
   const int k = shape.kernel_size, wp = ws.wp;
   Vec<T> acc[NO][NC] = {};
@@ -158,41 +183,47 @@ void sum_products_tile(const Shape& shape, const BackwardWorkspace<T>& ws, const
       }
     }
   }
-  for (int o = 0; o < NO; ++o)
-    for (int c = 0; c < NC; ++c) out[(o0 + o) * shape.channels + d0 + c] = hsum(acc[o][c]);
+  for (int s = 0; s < shape.interleave; ++s) {
+    for (int o = 0; o < NO; ++o) {
+      for (int c = 0; c < NC; ++c) {
+        out[s * head_stride + (o0 + o) * shape.channels + d0 + c] = lane_sum(acc[o][c], s, shape.interleave);
+      }
+    }
+  }
 }
 
 // A tile of no <= NO offsets x nc <= NC channels.
 template <typename T, int NO, int NC>
 void sum_products_rest(const Shape& shape, const BackwardWorkspace<T>& ws, const std::vector<T>& sums, int o0, int no,
-                       int d0, int nc, int row0, int row1, T* out) {
+                       int d0, int nc, int row0, int row1, T* out, int64_t head_stride) {
   if constexpr (NO > 1) {
-    if (no < NO) return sum_products_rest<T, NO - 1, NC>(shape, ws, sums, o0, no, d0, nc, row0, row1, out);
+    if (no < NO) return sum_products_rest<T, NO - 1, NC>(shape, ws, sums, o0, no, d0, nc, row0, row1, out, head_stride);
   }
   if constexpr (NC > 1) {
-    if (nc < NC) return sum_products_rest<T, NO, NC - 1>(shape, ws, sums, o0, no, d0, nc, row0, row1, out);
+    if (nc < NC) return sum_products_rest<T, NO, NC - 1>(shape, ws, sums, o0, no, d0, nc, row0, row1, out, head_stride);
   }
-  sum_products_tile<T, NO, NC>(shape, ws, sums, o0, d0, row0, row1, out);
+  sum_products_tile<T, NO, NC>(shape, ws, sums, o0, d0, row0, row1, out, head_stride);
 }
 
 template <typename T>
 void sum_products(const Shape& shape, const BackwardWorkspace<T>& ws, const std::vector<T>& sums, int d_begin,
-                  int d_end, int row0, int row1, T* out) {
+                  int d_end, int row0, int row1, T* out, int64_t head_stride) {
   constexpr int NO = 4, NC = kAccumulators / NO;  // 16 or 12 accumulators
   for (int o0 = 0; o0 < shape.kernel_size; o0 += NO) {
     for (int d0 = d_begin; d0 < d_end; d0 += NC) {
       sum_products_rest<T, NO, NC>(shape, ws, sums, o0, std::min(NO, shape.kernel_size - o0), d0,
-                                   std::min(NC, d_end - d0), row0, row1, out);
+                                   std::min(NC, d_end - d0), row0, row1, out, head_stride);
     }
   }
 }
 
-// The gradients of query rows [row0, row1) (one band) from the packed rows: dQ / scale into ws.dq, dK and
-// dV into the band's halo rows (key rows from hb), the relative gradients into ``rel_partial`` (k x D).
-// Independent of the caller's dtype (one instance per accumulation type).
-template <typename T>
+// The gradients of query rows [row0, row1) (one band) from the packed rows (HEADS = shape.interleave heads per
+// row): dQ / scale into ws.dq, dK and dV into the band's halo rows (key rows from hb), the relative gradients into
+// ``rel_partial`` (k x D per head, head_stride apart). Independent of the caller's dtype (one instance per
+// accumulation type).
+template <typename T, int HEADS>
 __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspace<T>& ws, int row0, int row1, int hb,
-                                             T* halo, T* rel_partial) {
+                                             T* halo, T* rel_partial, int64_t head_stride) {
   constexpr int L = kLanes<T>, G = kBackwardGroupRows, GK = kBackwardKeyRows;
   const int k = shape.kernel_size, r = shape.radius(), D = shape.channels, H = shape.height;
   const int dr = shape.row_channels(), dc = shape.col_channels();
@@ -218,9 +249,10 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
     const auto dq_row = [&](int g) { return ws.dq.data() + static_cast<int64_t>(i0 + g - row0) * D * wp; };
     // dK of key row a0 + e at columns x0 ..; its dV follows D padded rows later
     const auto dk_row = [&](int a0, int e, int x0) { return Strided<T>{halo + (a0 + e - hb) * row_size + x0, wp}; };
-    // p or dS of (query row g, key row e) read diagonally for key columns x0 ..: offset c at query column x0 - c + r
+    // p or dS of (query row g, key row e) read diagonally for key lanes x0 ..: offset c at query lane x0 + (r - c)
+    // HEADS
     const auto diagonal = [&](VecBuffer<T>& scratch, int g, int e, int x0) {
-      return Loads<T>{ws.pair(scratch, g, e) + margin + r + x0, wsc - 1};
+      return Loads<T>{ws.pair(scratch, g, e) + margin + r * HEADS + x0, wsc - HEADS};
     };
     for (int x0 = 0; x0 < wp; x0 += L) {
       Strided<T> block_rows[G], block_cols[G];
@@ -230,7 +262,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
         block_cols[g] = {col_terms(g, 0) + x0, wp};
         queries[g] = {ws.q.at(i0 + g, 0, x0), cs};
       }
-      block_terms<T, G>(rows, block_rows, block_cols, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
+      block_terms<T, G, HEADS>(rows, block_rows, block_cols, queries, shape, shape.has_rel ? &ws.rel : nullptr, x0);
     }
 
     // Key rows [full_begin, full_end) are in the window of every row of the group. Groups of key rows start at
@@ -247,8 +279,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
         const int a = a0 + e;
         int first, last;
         rows_within(a, i0, rows, r, first, last);
-        const T* key_row = ws.k.at(a, 0, -r);
-        const T* value_row = ws.v.at(a, 0, -r);
+        const T* key_row = ws.k.at(a, 0, -r * HEADS);
+        const T* value_row = ws.v.at(a, 0, -r * HEADS);
         for (int x0 = 0; x0 < wp; x0 += L) {
           Loads<T> queries[G], grads[G], dscores[G];
           Strided<T> dq[G], cols[G];
@@ -263,8 +295,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           }
           const int count = last - first + 1;
           contract_rows<T, G>(count, logits + first, k, RowPlusColumns<T>{row_term + first, cols + first}, queries + first,
-                              Shifted<T>{key_row + x0, cs}, D);
-          contract_rows<T, G>(count, dp + first, k, Zero<T>{}, grads + first, Shifted<T>{value_row + x0, cs}, D);
+                              Shifted<T, HEADS>{key_row + x0, cs}, D);
+          contract_rows<T, G>(count, dp + first, k, Zero<T>{}, grads + first, Shifted<T, HEADS>{value_row + x0, cs}, D);
           for (int g = first; g <= last; ++g) {
             const int64_t stat = static_cast<int64_t>(i0 + g - row0) * wp + x0;
             const Vec<T> lse_log2e = load(ws.lse.data() + stat) * static_cast<T>(kLog2e);
@@ -285,7 +317,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           }
           if (!full) {
             contract_rows<T, G>(count, dq + first, D, Accumulate<T>{dq + first}, dscores + first,
-                                VectorAt<T>{key_row + x0, 1, cs}, k);
+                                VectorAt<T>{key_row + x0, HEADS, cs}, k);
           }
         }
       }
@@ -297,7 +329,7 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           for (int g = 0; g < rows; ++g) dq[g] = {dq_row(g) + x0, wp};
           for (int e = 0; e < keys; ++e) {
             for (int g = 0; g < rows; ++g) dscores[e][g] = {ws.pair(ws.dscores, g, e) + margin + x0, wsc};
-            key_parts[e] = {dscores[e], VectorAt<T>{ws.k.at(a0 + e, 0, x0 - r), 1, cs}};
+            key_parts[e] = {dscores[e], VectorAt<T>{ws.k.at(a0 + e, 0, x0 - r * HEADS), HEADS, cs}};
           }
           contract_rows<T, G>(rows, dq, D, Accumulate<T>{dq}, key_parts, keys, k);
         }
@@ -314,8 +346,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
               dscores[g][e] = diagonal(ws.dscores, g, e, x0);
               probs[g][e] = diagonal(ws.probs, g, e, x0);
             }
-            query_parts[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}};
-            grad_parts[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}};
+            query_parts[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r * HEADS), -HEADS, cs}};
+            grad_parts[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r * HEADS), -HEADS, cs}};
           }
           contract_rows<T, GK>(keys, dk, D, Accumulate<T>{dk}, query_parts, rows, k);
           contract_rows<T, GK>(keys, dv, D, Accumulate<T>{dv}, grad_parts, rows, k);
@@ -336,9 +368,9 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             }
             const int count = last - first + 1;
             contract_rows<T, GK>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first,
-                                 VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r), -1, cs}, k);
+                                 VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r * HEADS), -HEADS, cs}, k);
             contract_rows<T, GK>(count, dv + first, D, Accumulate<T>{dv + first}, probs + first,
-                                 VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r), -1, cs}, k);
+                                 VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r * HEADS), -HEADS, cs}, k);
           }
         }
       }
@@ -348,74 +380,91 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
     for (int g = 0; g < rows && shape.has_rel; ++g) {
       for (int x0 = 0; x0 < wp; x0 += L) {  // dQ's relative part
         contract(Strided<T>{dq_row(g) + x0, wp}, dr, Loads<T>{ds_rows(g, 0) + x0, wp},
-                 ScalarAt<T>{ws.rel.rows.data(), dr, 1}, k);
+                 ScalarAt<T, HEADS>{ws.rel.rows.data(), dr, 1}, k);
         contract(Strided<T>{dq_row(g) + dr * wp + x0, wp}, dc, Loads<T>{ds_cols(g, 0) + x0, wp},
-                 ScalarAt<T>{ws.rel.cols.data(), dc, 1}, k);
+                 ScalarAt<T, HEADS>{ws.rel.cols.data(), dc, 1}, k);
       }
     }
   }
   if (shape.has_rel) {
-    sum_products(shape, ws, ws.ds_rows, 0, dr, row0, row1, rel_partial);
-    sum_products(shape, ws, ws.ds_cols, dr, D, row0, row1, rel_partial);
+    sum_products(shape, ws, ws.ds_rows, 0, dr, row0, row1, rel_partial, head_stride);
+    sum_products(shape, ws, ws.ds_cols, dr, D, row0, row1, rel_partial, head_stride);
   }
 }
 
-// One task: pack the band's rows of (b, h), compute, store dQ (dK and dV stay in the halo rows).
+// backward_rows with HEADS = shape.interleave (a power of two up to kMaxInterleave and kLanes).
+template <typename T, int HEADS = 1>
+void backward_rows_of(const Shape& shape, BackwardWorkspace<T>& ws, int row0, int row1, int hb, T* halo,
+                      T* rel_partial, int64_t head_stride) {
+  if constexpr (2 * HEADS <= kMaxInterleave && 2 * HEADS <= kLanes<T>) {
+    if (shape.interleave > HEADS) {
+      return backward_rows_of<T, 2 * HEADS>(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
+    }
+  }
+  backward_rows<T, HEADS>(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
+}
+
+// One task: pack the band's rows of heads [h0, h0 + shape.interleave) of image b, compute, store dQ (dK and dV stay
+// in the halo rows).
 template <typename S, typename T>
-void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h, int t,
+void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h0, int t,
                    BackwardWorkspace<T>& ws) {
-  const int D = shape.channels, W = shape.width;
+  const int D = shape.channels, W = shape.width, heads = shape.interleave;
   const int row0 = bands.begin(t), row1 = bands.end(t);
   const int hb = halo_begin(shape, bands, t), he = halo_end(shape, bands, t);
-  ws.q.pack(args.q.plane(b, h), row0, row1, args.scale);
-  ws.grad_out.pack(args.grad_out.plane(b, h), row0, row1, T(1));
-  ws.k.pack(args.k.plane(b, h), hb, he, T(1));
-  ws.v.pack(args.v.plane(b, h), hb, he, T(1));
-  if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h);
-  load_row_stats(shape, args, b, h, row0, row1, ws);
-  const int64_t plane = static_cast<int64_t>(b) * shape.heads + h;
+  ws.q.pack(args.q.planes(b, h0, heads).of, row0, row1, args.scale);
+  ws.grad_out.pack(args.grad_out.planes(b, h0, heads).of, row0, row1, T(1));
+  ws.k.pack(args.k.planes(b, h0, heads).of, hb, he, T(1));
+  ws.v.pack(args.v.planes(b, h0, heads).of, hb, he, T(1));
+  if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h0, heads);
+  load_row_stats(shape, args, b, h0, row0, row1, ws);
+  const int64_t plane = static_cast<int64_t>(b) * (shape.heads / heads) + h0 / heads;
   // one band per plane: its halo is the whole plane's, stored below, so it lives in this thread's workspace (a
   // halo for every plane took 7.3 MB at 28 x 28, batch 8, freshly mapped pages on every call)
   T* halo = bands.count() == 1 ? ws.plane_halo.data()
                                : args.halo + (plane * args.halo_offset[bands.count()] + args.halo_offset[t]) *
                                                  halo_row_size<T>(shape);
-  T* rel_partial = shape.has_rel ? args.rel_partial + (plane * bands.count() + t) * shape.kernel_size * D : nullptr;
-  backward_rows(shape, ws, row0, row1, hb, halo, rel_partial);
+  // the relative gradients of (b, h0 + s, t), s < heads, (B, heads, bands, k, D)
+  const int64_t head_stride = static_cast<int64_t>(bands.count()) * shape.kernel_size * D;
+  const int64_t first_part = (static_cast<int64_t>(b) * shape.heads + h0) * bands.count() + t;
+  T* rel_partial = shape.has_rel ? args.rel_partial + first_part * shape.kernel_size * D : nullptr;
+  backward_rows_of(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
   if (bands.count() == 1) {  // the plane's only halo: dK and dV are final, stored while still in this core's caches
-    for (int a = hb; a < he; ++a) store_key_row(shape, args, b, h, a, halo + (a - hb) * halo_row_size<T>(shape));
+    for (int a = hb; a < he; ++a) store_key_row(shape, args, b, h0, a, halo + (a - hb) * halo_row_size<T>(shape));
   }
-  const Plane<S> dq = args.dq.plane(b, h);
+  const auto dq = args.dq.planes(b, h0, heads);
   for (int i = row0; i < row1; ++i) {
-    store_row(&dq, 1, i, W, ws.dq.data() + static_cast<int64_t>(i - row0) * D * ws.wp, ws.wp, D, args.scale);
+    store_row(dq.of, heads, i, W, ws.dq.data() + static_cast<int64_t>(i - row0) * D * ws.wp, ws.wp, D, args.scale);
   }
 }
 
-// dK and dV of key row a of (b, h) from ``row``, halo-row layout ([dK, dV][D][padded W]).
+// dK and dV of key row a of heads [h0, h0 + shape.interleave) of image b from ``row``, halo-row layout ([dK,
+// dV][D][lanes]).
 template <typename S, typename T>
-void store_key_row(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h, int a, T* row) {
-  const int D = shape.channels, W = shape.width, wp = padded_width<T>(W);
-  const Plane<S> dk = args.dk.plane(b, h), dv = args.dv.plane(b, h);
-  store_row(&dk, 1, a, W, row, wp, D, T(1));
-  store_row(&dv, 1, a, W, row + static_cast<int64_t>(D) * wp, wp, D, T(1));
+void store_key_row(const Shape& shape, const BackwardArgs<S, T>& args, int b, int h0, int a, T* row) {
+  const int D = shape.channels, W = shape.width, wp = padded_width<T>(shape.lanes()), heads = shape.interleave;
+  store_row(args.dk.planes(b, h0, heads).of, heads, a, W, row, wp, D, T(1));
+  store_row(args.dv.planes(b, h0, heads).of, heads, a, W, row + static_cast<int64_t>(D) * wp, wp, D, T(1));
 }
 
-// dK and dV of key row a of (b, h): the halo rows of every band that touches it, summed in band order (a
-// row only one band touches is stored from its halo row).
+// dK and dV of key row a of the plane of image b from head h0: the halo rows of every band that touches it,
+// summed in band order (a row only one band touches is stored from its halo row).
 template <typename S, typename T>
-void reduce_key_row(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h, int a,
+void reduce_key_row(const Shape& shape, const Bands& bands, const BackwardArgs<S, T>& args, int b, int h0, int a,
                     std::vector<T>& sum) {
   const int r = shape.radius();
   const int64_t row_size = halo_row_size<T>(shape);
-  T* head = args.halo + (static_cast<int64_t>(b) * shape.heads + h) * args.halo_offset[bands.count()] * row_size;
+  const int64_t plane = static_cast<int64_t>(b) * (shape.heads / shape.interleave) + h0 / shape.interleave;
+  T* head = args.halo + plane * args.halo_offset[bands.count()] * row_size;
   const auto halo_row = [&](int t) { return head + (args.halo_offset[t] + a - halo_begin(shape, bands, t)) * row_size; };
   const int first = window_begin(a, r) / bands.band, last = (window_end(a, r, shape.height) - 1) / bands.band;
-  if (first == last) return store_key_row(shape, args, b, h, a, halo_row(first));
+  if (first == last) return store_key_row(shape, args, b, h0, a, halo_row(first));
   std::fill(sum.begin(), sum.end(), T(0));
   for (int t = first; t <= last; ++t) {
     const T* row = halo_row(t);
     for (int64_t e = 0; e < row_size; ++e) sum[e] += row[e];
   }
-  store_key_row(shape, args, b, h, a, sum.data());
+  store_key_row(shape, args, b, h0, a, sum.data());
 }
 
 }  // namespace sasa::cpu

@@ -1,17 +1,16 @@
 // Forward of the fused CPU kernel: one task = the query rows of one band of one image's group of heads (one head,
-// or 2 or 4 whose pixels share the vectors where one head's row would leave lanes empty: forward_interleave).
+// or 2 or 4 whose pixels share the vectors where one head's row would leave lanes empty: interleaved_heads).
 //
-// The task walks its query rows kGroupRows at a time, packing the key/value rows the windows add and
-// the query rows (times scale) as it goes (pack.h). A query block is kLanes consecutive lanes of one
-// row (pixels, or pixels of interleaved heads), its q one vector per channel; the blocks at the same columns of a group's rows go together, so
-// each load of a key or value row feeds the FMAs of every row of the group whose window holds it
-// (contract.h). For every key row of the
-// windows: the logits of all k column offsets (D FMAs per offset, the key row loaded shifted by the
-// offset), plus the factorized relative terms and the border mask (terms.h); then an online-softmax
-// step per query row (running max m and sum l per lane, the D accumulators rescaled once per key row)
-// and the aggregation p . v (k FMAs per channel). Nothing of size k^2 per pixel is ever stored: the
-// scratch is a few k and D vectors besides the packed rows. Out of each block come y and the
-// log-sum-exp m + log(l) from which the backward recomputes the probabilities.
+// The task walks its query rows kGroupRows at a time, packing the key/value rows the windows add and the query
+// rows (times scale) as it goes (pack.h). A query block is kLanes consecutive lanes of one row (pixels, or pixels
+// of interleaved heads), its q one vector per channel; the blocks at the same columns of a group's rows go
+// together, so each load of a key or value row feeds the FMAs of every row of the group whose window holds it
+// (contract.h). For every key row of the windows: the logits of all k column offsets (D FMAs per offset, the key
+// row loaded shifted by the offset), plus the factorized relative terms and the border mask (terms.h); then an
+// online-softmax step per query row (running max m and sum l per lane, the D accumulators rescaled once per key
+// row) and the aggregation p . v (k FMAs per channel). Nothing of size k^2 per pixel is ever stored: the scratch
+// is a few k and D vectors besides the packed rows. Out of each block come y and the log-sum-exp m + log(l) from
+// which the backward recomputes the probabilities.
 #pragma once
 
 #include "terms.h"
@@ -31,33 +30,15 @@ inline constexpr int kGroupRows = 4;
 inline constexpr int kGroupRows = 3;
 #endif
 
-// Heads whose pixels share the forward's vectors (pack.h's interleaving): where W pixels leave part of a row's last
-// vector empty (28 columns in 32 lanes), the smallest power of two up to kMaxInterleave that divides the heads and
-// leaves the fewest empty lanes per pixel (4 heads of 28 columns fill 7 vectors of 16 lanes exactly; 2 heads of 56
-// or of 7 columns). Against one head per row, k = 19, 8 heads, AMD Zen 4 f25m17, 2 threads: 28 x 28 0.93 (batch 8)
-// and 0.95 (batch 1), 56 x 56 batch 2 0.88, 7 x 7 batch 8 0.62; k = 3 and 7 at 28 x 28 1.01. 8 heads of 14 columns
-// (a shift by one column is 8 lanes: each block's window spans 160 lanes of every key row) took 1.19x the time at
-// batch 1.
-
-template <typename T>
-inline int forward_interleave(const Shape& s) {
-  int best = 1;
-  for (int m = 2; m <= kMaxInterleave && m <= kLanes<T> && s.heads % m == 0; m *= 2) {
-    // padded(m W) / (m W) < padded(best W) / (best W), in integers
-    const int64_t lanes = padded_width<T>(m * s.width), best_lanes = padded_width<T>(best * s.width);
-    if (lanes * best < best_lanes * m) best = m;
-  }
-  return best;
-}
-
-// Default band of the forward: whole groups, as few bands per plane (a batch's group of ``interleave`` heads) as
-// give each thread a task. Each band packs its halo of 2r key rows again: at k = 19, 28 x 28, batch 1, the 2 planes
-// of 4 interleaved heads in 8 bands took 1.08x the time of 2 whole planes (and an earlier kernel's backward, bands
-// of 18 rows, 1.04x one band per plane). Groups start at multiples of kGroupRows whatever the band, so the
-// forward's results depend neither on this choice nor on the thread count behind it.
-inline int default_forward_band(const Shape& s, int threads, int interleave) {
-  const int planes = s.batch * (s.heads / interleave), tasks_wanted = threads;
-  const int bands = planes >= tasks_wanted ? 1 : (tasks_wanted + planes - 1) / planes;
+// Default band of the forward: whole groups; one band per plane where the planes balance the threads
+// (whole_planes), else as few bands per plane as give each thread about 4 tasks. Each band packs its halo of 2r
+// key rows again: at k = 19, 28 x 28, batch 1, the 2 planes of 4 interleaved heads in 8 bands took 1.08x the time
+// of 2 whole planes (and an earlier kernel's backward, bands of 18 rows, 1.04x one band per plane). Groups start
+// at multiples of kGroupRows whatever the band, so the forward's results depend neither on this choice nor on the
+// thread count behind it.
+inline int default_forward_band(const Shape& s, int threads) {
+  const int planes = s.planes(), tasks_wanted = 4 * threads;
+  const int bands = whole_planes(s, threads) ? 1 : (tasks_wanted + planes - 1) / planes;
   const int groups = (s.height + kGroupRows - 1) / kGroupRows;
   return kGroupRows * ((groups + bands - 1) / bands);
 }
@@ -72,24 +53,23 @@ struct ForwardArgs {
   T* lse;  // (B, heads, H, W) contiguous
 };
 
-// Per-thread buffers (rows of ``interleave`` heads): the packed rows (a ring of the 2r + kGroupRows key and value rows one group of
-// query rows needs: memory independent of the band), per group row g k row terms, k column terms and
-// k logits, and the group's results in the accumulation type (y as [row][D][padded W], the log-sum-exp
-// as [row][padded W]) until they are stored in the caller's dtype and layout.
+// Per-thread buffers (rows of shape.interleave heads): the packed rows (a ring of the 2r + kGroupRows key and value
+// rows one group of query rows needs: memory independent of the band), per group row g k row terms, k column terms
+// and k logits, and the group's results in the accumulation type (y as [row][D][padded lanes], the log-sum-exp as
+// [row][padded lanes]) until they are stored in the caller's dtype and layout.
 template <typename T>
 struct ForwardWorkspace {
-  int interleave, wp;  // heads per packed row; its lanes, padded
+  int wp;  // lanes of a packed row, padded
   PackedRows<T> q, k, v;
   RelTables<T> rel;
   VecBuffer<T> row_terms, col_terms, logits;
   std::vector<T> y, lse;
 
-  ForwardWorkspace(const Shape& s, int interleave)
-      : interleave(interleave),
-        wp(padded_width<T>(s.width * interleave)),
-        q(kGroupRows, s.channels, s.width, s.radius(), interleave),
-        k(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius(), interleave),
-        v(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius(), interleave),
+  explicit ForwardWorkspace(const Shape& s)
+      : wp(padded_width<T>(s.lanes())),
+        q(kGroupRows, s.channels, s.width, s.radius(), s.interleave),
+        k(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius(), s.interleave),
+        v(2 * s.radius() + kGroupRows, s.channels, s.width, s.radius(), s.interleave),
         row_terms(kGroupRows * s.kernel_size),
         col_terms(kGroupRows * s.kernel_size),
         logits(kGroupRows * s.kernel_size),
@@ -120,7 +100,7 @@ inline Vec<T> row_max(Strided<T> v, int n) {
   return vmax(vmax(m0, m1), vmax(m2, m3));
 }
 
-// The attention of the query rows [i0, i0 + rows), rows <= kGroupRows, from the packed rows (HEADS = ws.interleave
+// The attention of the query rows [i0, i0 + rows), rows <= kGroupRows, from the packed rows (HEADS = shape.interleave
 // heads per row) into ws.y and ws.lse. Independent of the caller's dtype (one instance per accumulation type).
 template <typename T, int HEADS>
 __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace<T>& ws, int i0, int rows) {
@@ -186,43 +166,37 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
   }
 }
 
-// forward_rows with HEADS = ws.interleave (a power of two up to kMaxInterleave and kLanes).
+// forward_rows with HEADS = shape.interleave (a power of two up to kMaxInterleave and kLanes).
 template <typename T, int HEADS = 1>
 void forward_rows_of(const Shape& shape, ForwardWorkspace<T>& ws, int i0, int rows) {
   if constexpr (2 * HEADS <= kMaxInterleave && 2 * HEADS <= kLanes<T>) {
-    if (ws.interleave > HEADS) return forward_rows_of<T, 2 * HEADS>(shape, ws, i0, rows);
+    if (shape.interleave > HEADS) return forward_rows_of<T, 2 * HEADS>(shape, ws, i0, rows);
   }
   forward_rows<T, HEADS>(shape, ws, i0, rows);
 }
 
-// One task: the query rows [row0, row1) of heads [h0, h0 + ws.interleave) of image b, a group of rows at a time:
+// One task: the query rows [row0, row1) of heads [h0, h0 + shape.interleave) of image b, a group of rows at a time:
 // pack the key and value rows the group's windows add (each row once per task) and its query rows, compute, store
 // y and the log-sum-exp.
 template <typename S, typename T>
 void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int h0, int row0, int row1,
                   ForwardWorkspace<T>& ws) {
   constexpr int G = kGroupRows;
-  const int r = shape.radius(), D = shape.channels, H = shape.height, W = shape.width, heads = ws.interleave;
+  const int r = shape.radius(), D = shape.channels, H = shape.height, W = shape.width, heads = shape.interleave;
   if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h0, heads);
-  Plane<const S> q[kMaxInterleave], k[kMaxInterleave], v[kMaxInterleave];
-  Plane<S> out[kMaxInterleave];
-  for (int s = 0; s < heads; ++s) {
-    q[s] = args.q.plane(b, h0 + s);
-    k[s] = args.k.plane(b, h0 + s);
-    v[s] = args.v.plane(b, h0 + s);
-    out[s] = args.out.plane(b, h0 + s);
-  }
+  const auto q = args.q.planes(b, h0, heads), k = args.k.planes(b, h0, heads), v = args.v.planes(b, h0, heads);
+  const auto out = args.out.planes(b, h0, heads);
   int packed = window_begin(row0, r);  // key rows below are packed
   for (int i0 = row0; i0 < row1; i0 += G) {
     const int rows = row1 - i0 < G ? row1 - i0 : G;
     const int keys_end = window_end(i0 + rows - 1, r, H);
-    ws.k.pack(k, packed, keys_end, T(1));
-    ws.v.pack(v, packed, keys_end, T(1));
+    ws.k.pack(k.of, packed, keys_end, T(1));
+    ws.v.pack(v.of, packed, keys_end, T(1));
     packed = keys_end;
-    ws.q.pack(q, i0, i0 + rows, args.scale);
+    ws.q.pack(q.of, i0, i0 + rows, args.scale);
     forward_rows_of(shape, ws, i0, rows);
     for (int g = 0; g < rows; ++g) {
-      store_row(out, heads, i0 + g, W, ws.y.data() + static_cast<int64_t>(g) * D * ws.wp, ws.wp, D, T(1));
+      store_row(out.of, heads, i0 + g, W, ws.y.data() + static_cast<int64_t>(g) * D * ws.wp, ws.wp, D, T(1));
       const T* lse_lanes = ws.lse.data() + static_cast<int64_t>(g) * ws.wp;
       for (int s = 0; s < heads; ++s) {
         T* lse = args.lse + ((static_cast<int64_t>(b) * shape.heads + h0 + s) * H + i0 + g) * W;

@@ -75,11 +75,6 @@ class PackedRows {
     }
   }
 
-  template <typename S>
-  void pack(const Plane<const S>& plane, int row_begin, int row_end, T scale) {
-    pack(&plane, row_begin, row_end, scale);
-  }
-
   // Channel ``channel`` of row ``row`` from lane ``x`` (column x / interleave).
   const T* at(int row, int channel, int x) const {
     return data_.data() + front_ + (static_cast<int64_t>(row % capacity_) * channels_ + channel) * segment_ + x;

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -78,7 +79,8 @@ class Share {
   std::atomic<uint64_t> range_;
 };
 
-// fn(workspace, task) for every task in [0, tasks) on ATen's threads, one workspace per thread. Thread t
+// fn(workspace, task) for every task in [0, tasks) on ATen's threads, one workspace per thread (make_workspace's
+// result: a new one, or a reference to thread_workspace's). Thread t
 // first runs the t-th contiguous share of the tasks, in order, so consecutive kernels whose tasks split the
 // data alike (the (batch, head) planes, the projection's heads: matmul below) find their operands in the
 // core that wrote them; then it takes the tasks left in the other shares, from their ends, so a thread slowed
@@ -91,7 +93,7 @@ void run_tasks(int64_t tasks, const MakeWorkspace& make_workspace, const Fn& fn)
   std::vector<std::unique_ptr<Share>> shares;
   for (int64_t t = 0; t < threads; ++t) shares.push_back(std::make_unique<Share>(t * tasks / threads, (t + 1) * tasks / threads));
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    auto workspace = make_workspace();
+    auto&& workspace = make_workspace();
     int64_t task;
     for (int64_t own = begin; own < end; ++own)
       while (shares[own]->take(true, task)) fn(workspace, task);
@@ -100,16 +102,36 @@ void run_tasks(int64_t tasks, const MakeWorkspace& make_workspace, const Fn& fn)
   });
 }
 
+// This thread's workspace for a call of ``shape`` with ``band``, made by make() for the first such call and kept
+// for the next ones (a new one per call: about 1.7 MB per thread for the backward of 4 interleaved heads of 28 x 28
+// at k = 19, whose pages, freshly mapped on every call, faulted in under one lock for both threads: batch 1 took
+// 1.6x the time of one head per row on 2 threads, 1.01x on one). Every kernel writes what it reads of its
+// workspace before reading it, except zeros it never writes (the packed rows' gaps, the scratch's margins), so the
+// results do not depend on the calls before.
+template <typename Workspace, typename Make>
+Workspace& thread_workspace(const Shape& shape, int band, const Make& make) {
+  const std::array<int64_t, 9> key{shape.batch, shape.heads,  shape.height,      shape.width, shape.channels,
+                                   shape.kernel_size, shape.has_rel, shape.interleave, band};
+  thread_local std::array<int64_t, 9> cached_key{};
+  thread_local std::unique_ptr<Workspace> cached;
+  if (!cached || cached_key != key) {
+    cached.reset();
+    cached = std::make_unique<Workspace>(make());
+    cached_key = key;
+  }
+  return *cached;
+}
+
 // Tasks are numbered band-major (task = band * planes + plane): the bands cut short by the image's
 // bottom come last, so the threads' last tasks are the small ones.
 struct Task {
-  int b, h, band;
+  int b, h, band;  // h: the plane's first head
 };
 
-Task task_of(int batch, int heads, int64_t task) {
-  const int64_t planes = static_cast<int64_t>(batch) * heads;
+Task task_of(const Shape& s, int64_t task) {
+  const int planes = s.planes(), groups = s.heads / s.interleave;
   const int plane = task % planes;
-  return {plane / heads, plane % heads, static_cast<int>(task / planes)};
+  return {plane / groups, plane % groups * s.interleave, static_cast<int>(task / planes)};
 }
 
 // The machine's logical CPUs (not the threads a call runs on): the backward's default band depends on it.
@@ -144,7 +166,7 @@ std::vector<at::Tensor> gradients_like(const at::Tensor& q, const at::Tensor& k,
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
                                 int64_t kernel_size, double scale, bool poison, int64_t band) {
-  const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
+  Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -156,14 +178,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                         shape.has_rel ? rows.data_ptr<scalar_t>() : nullptr,
                                         shape.has_rel ? cols.data_ptr<scalar_t>() : nullptr,
                                         static_cast<T>(scale), view5<scalar_t>(out), lse.data_ptr<T>()};
-    const int interleave = forward_interleave<T>(shape), groups = shape.heads / interleave;
-    const Bands bands{shape.height, band > 0 ? static_cast<int>(band)
-                                             : default_forward_band(shape, at::get_num_threads(), interleave)};
-    run_tasks(static_cast<int64_t>(shape.batch) * groups * bands.count(),
-              [&] { return ForwardWorkspace<T>(shape, interleave); },
+    shape.interleave = interleaved_heads<T>(shape);
+    const Bands bands{shape.height,
+                      band > 0 ? static_cast<int>(band) : default_forward_band(shape, at::get_num_threads())};
+    run_tasks(static_cast<int64_t>(shape.planes()) * bands.count(),
+              [&]() -> ForwardWorkspace<T>& {
+                return thread_workspace<ForwardWorkspace<T>>(shape, 0, [&] { return ForwardWorkspace<T>(shape); });
+              },
               [&](ForwardWorkspace<T>& ws, int64_t task) {
-                const Task t = task_of(shape.batch, groups, task);  // t.h: a group of interleave heads
-                forward_task(shape, args, t.b, t.h * interleave, bands.begin(t.band), bands.end(t.band), ws);
+                const Task t = task_of(shape, task);
+                forward_task(shape, args, t.b, t.h, bands.begin(t.band), bands.end(t.band), ws);
               });
   });
   return {out, lse};
@@ -173,10 +197,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& v, const std::optional<at::Tensor>& rel_row,
                                  const std::optional<at::Tensor>& rel_col, const at::Tensor& out,
                                  const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
-  const Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
+  Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out, out: expected q's shape");
-  const Bands bands{shape.height, band > 0 ? static_cast<int>(band)
-                                                   : default_band(shape, kBackwardGroupRows, machine_cpus())};
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const at::Tensor grad = grad_out.to(q.scalar_type());
@@ -186,38 +208,47 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
              dv = maybe_poisoned(grads[2], poison);
   at::Tensor drow = shape.has_rel ? maybe_poisoned(at::empty_like(rows), poison) : at::Tensor();
   at::Tensor dcol = shape.has_rel ? maybe_poisoned(at::empty_like(cols), poison) : at::Tensor();
-  const int64_t planes = static_cast<int64_t>(shape.batch) * shape.heads;
-  const int64_t tasks = planes * bands.count();
-  std::vector<int64_t> halo_offset(bands.count() + 1, 0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sasa_native_backward", [&] {
     using T = Acc<scalar_t>;
+    shape.interleave = interleaved_heads<T>(shape, kBackwardInterleave);
+    const Bands bands{shape.height,
+                      band > 0 ? static_cast<int>(band) : default_band(shape, kBackwardGroupRows, machine_cpus())};
+    const int64_t planes = shape.planes(), tasks = planes * bands.count();
+    std::vector<int64_t> halo_offset(bands.count() + 1, 0);
     for (int t = 0; t < bands.count(); ++t)
       halo_offset[t + 1] = halo_offset[t] + halo_end(shape, bands, t) - halo_begin(shape, bands, t);
     const auto acc_options = q.options().dtype(stats.scalar_type());
     // the bands' halo rows, summed by reduce_key_row; one band per plane keeps its halo in its workspace
     at::Tensor halo = at::empty({bands.count() > 1 ? planes * halo_offset.back() * halo_row_size<T>(shape) : 0}, acc_options);
-    at::Tensor partial = at::empty({shape.has_rel ? tasks * shape.kernel_size * shape.channels : 0}, acc_options);
+    // the relative gradients per (batch, head, band)
+    const int64_t kd = shape.kernel_size * shape.channels;
+    const int64_t heads = static_cast<int64_t>(shape.batch) * shape.heads;
+    at::Tensor partial = at::empty({shape.has_rel ? heads * bands.count() * kd : 0}, acc_options);
     const BackwardArgs<scalar_t, T> args{
         view5<const scalar_t>(q), view5<const scalar_t>(k), view5<const scalar_t>(v), view5<const scalar_t>(out),
         view5<const scalar_t>(grad), shape.has_rel ? rows.data_ptr<scalar_t>() : nullptr,
         shape.has_rel ? cols.data_ptr<scalar_t>() : nullptr, stats.data_ptr<T>(), static_cast<T>(scale),
         view5<scalar_t>(dq), view5<scalar_t>(dk), view5<scalar_t>(dv), halo.data_ptr<T>(), halo_offset.data(),
         partial.data_ptr<T>()};
-    run_tasks(tasks, [&] { return BackwardWorkspace<T>(shape, bands.band); },
+    run_tasks(tasks,
+              [&]() -> BackwardWorkspace<T>& {
+                return thread_workspace<BackwardWorkspace<T>>(shape, bands.band,
+                                                              [&] { return BackwardWorkspace<T>(shape, bands.band); });
+              },
               [&](BackwardWorkspace<T>& ws, int64_t task) {
-                const Task t = task_of(shape.batch, shape.heads, task);
+                const Task t = task_of(shape, task);
                 backward_task(shape, bands, args, t.b, t.h, t.band, ws);
               });
     if (bands.count() > 1) {  // one band per plane: its task stored dK and dV
       run_tasks(planes * shape.height, [&] { return std::vector<T>(halo_row_size<T>(shape)); },
                 [&](std::vector<T>& sum, int64_t row) {
-                  const int bh = row / shape.height;
-                  reduce_key_row(shape, bands, args, bh / shape.heads, bh % shape.heads, row % shape.height, sum);
+                  const Task t = task_of(shape, row / shape.height);
+                  reduce_key_row(shape, bands, args, t.b, t.h, row % shape.height, sum);
                 });
     }
     if (shape.has_rel) {  // sum the per-task relative gradients over batch and bands, in task order
-      const int kd = shape.kernel_size * shape.channels, dr = shape.row_channels(), dc = shape.col_channels();
+      const int dr = shape.row_channels(), dc = shape.col_channels();
       const T* parts = partial.data_ptr<T>();
       scalar_t* drow_p = drow.data_ptr<scalar_t>();
       scalar_t* dcol_p = dcol.data_ptr<scalar_t>();

@@ -53,8 +53,9 @@ void block_terms(int rows, const Strided<T>* row_terms, const Strided<T>* col_te
   if (rel != nullptr) {
     Loads<T> col_queries[MAXROWS];
     for (int g = 0; g < rows; ++g) col_queries[g] = {queries[g].base + dr * queries[g].stride, queries[g].stride};
-    contract_rows<T, MAXROWS>(rows, row_terms, k, Zero<T>{}, queries, ScalarAt<T, HEADS>{rel->rows.data(), 1, dr}, dr);
-    contract_rows<T, MAXROWS>(rows, col_terms, k, Zero<T>{}, col_queries, ScalarAt<T, HEADS>{rel->cols.data(), 1, dc}, dc);
+    const ScalarAt<T, HEADS> row_table{rel->rows.data(), 1, dr}, col_table{rel->cols.data(), 1, dc};
+    contract_rows<T, MAXROWS>(rows, row_terms, k, Zero<T>{}, queries, row_table, dr);
+    contract_rows<T, MAXROWS>(rows, col_terms, k, Zero<T>{}, col_queries, col_table, dc);
   } else {
     for (int g = 0; g < rows; ++g) {
       for (int o = 0; o < k; ++o) {
