@@ -50,8 +50,9 @@ inline constexpr int kBackwardGroupRows = 3, kBackwardKeyRows = 3;
 
 // Heads interleaved in the backward's packed rows (interleaved_heads): at most 2. Its per-task buffers grow with a
 // row's lanes (the p / dS scratch, the band's rows of dQ and of the relative sums, the plane's dK / dV halo: about
-// 2.7 MB per thread for 4 heads of 28 x 28 at k = 19, against 1 MB of L2 on a Zen 4), and 4 heads of 28 x 28 took
-// 0.95-1.02x the time of one head per row at batch 8, 1.006-1.026x in the layer's chained kernels, 1.14x at k = 3.
+// 2.7 MB per thread for 4 heads of 28 x 28 at k = 19, against 1 MB of L2 on a Zen 4): 4 heads of 28 x 28 took
+// 0.96-0.98x the time of one head per row alone (batch 8 and 1) but 0.998x and 1.047x in the layer's chained
+// kernels (scripts/native_ab.py chainbwd), 1.14x at k = 3.
 // 2 heads, against one (AMD Zen 4 f25m17, 2 threads): 56 x 56 batch 2 k = 19 0.966, k = 7 and 3 1.03; 7 x 7 batch
 // 8 k = 19 0.605, k = 7 0.789, k = 3 0.892.
 inline constexpr int kBackwardInterleave = 2;
