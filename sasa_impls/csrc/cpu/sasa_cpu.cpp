@@ -103,11 +103,13 @@ void run_tasks(int64_t tasks, const MakeWorkspace& make_workspace, const Fn& fn)
 }
 
 // This thread's workspace for a call of ``shape`` with ``band``, made by make() for the first such call and kept
-// for the next ones (a new one per call: about 1.7 MB per thread for the backward of 4 interleaved heads of 28 x 28
-// at k = 19, whose pages, freshly mapped on every call, faulted in under one lock for both threads: batch 1 took
-// 1.6x the time of one head per row on 2 threads, 1.01x on one). Every kernel writes what it reads of its
-// workspace before reading it, except zeros it never writes (the packed rows' gaps, the scratch's margins), so the
-// results do not depend on the calls before.
+// for the next ones: the backward's (a new one per call: its pages, freshly mapped on every call, fault in under
+// one lock for both threads; 4 interleaved heads of 28 x 28 at batch 1, k = 19, 1.7 MB per thread, took 1.6x the
+// time of one head per row on 2 threads, 1.01x on one; one head per row, batch 1, 0.969-0.977x the time of a new
+// workspace per call). The forward's is made per call: kept, it gained nothing (1.000) and the layer's fwd+bwd
+// held both at once (peak memory 3.7-4.8 MiB against 3.2-3.9 at 28 x 28 batch 1). The backward writes what it
+// reads of its workspace before reading it, except zeros it never writes (the packed rows' gaps, the scratch's
+// margins), so the results do not depend on the calls before.
 template <typename Workspace, typename Make>
 Workspace& thread_workspace(const Shape& shape, int band, const Make& make) {
   const std::array<int64_t, 9> key{shape.batch, shape.heads,  shape.height,      shape.width, shape.channels,
@@ -181,10 +183,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     shape.interleave = interleaved_heads<T>(shape);
     const Bands bands{shape.height,
                       band > 0 ? static_cast<int>(band) : default_forward_band(shape, at::get_num_threads())};
-    run_tasks(static_cast<int64_t>(shape.planes()) * bands.count(),
-              [&]() -> ForwardWorkspace<T>& {
-                return thread_workspace<ForwardWorkspace<T>>(shape, 0, [&] { return ForwardWorkspace<T>(shape); });
-              },
+    run_tasks(static_cast<int64_t>(shape.planes()) * bands.count(), [&] { return ForwardWorkspace<T>(shape); },
               [&](ForwardWorkspace<T>& ws, int64_t task) {
                 const Task t = task_of(shape, task);
                 forward_task(shape, args, t.b, t.h, bands.begin(t.band), bands.end(t.band), ws);
