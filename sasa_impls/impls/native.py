@@ -8,8 +8,10 @@ over (batch, head, row band) tasks on ATen's threads, each thread first running 
 the projection's product splits its work (sasa_cpu.cpp's run_tasks, matmul), so a thread attends the q, k, v its
 core wrote. Per query block (a vector of consecutive pixels of one row; four rows at a time with AVX-512, three with
 AVX2: csrc/cpu/forward.h, backward.h) it walks the key rows of the window with an online softmax, computing the
-logits of all k column offsets from shifted loads of a packed key row; relative logits are factorized (k D MACs per
-pixel); nothing of size k^2 per pixel is stored (memory O(HW C); the forward's scratch does not grow with the band).
+logits of all k column offsets from shifted loads of a packed key row; where one head's row would leave a vector's
+lanes empty (28 pixels in 32 lanes), 2 or 4 heads' pixels share the vectors (the forward up to 4, the backward up to
+2: csrc/cpu/problem.h's interleaved_heads); relative logits are factorized (k D MACs per pixel); nothing of size
+k^2 per pixel is stored (memory O(HW C); the forward's scratch does not grow with the band).
 The backward recomputes the probabilities from the saved log-sum-exp and sums per-band key gradients in band order,
 so every result is bitwise independent of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the
 tests' oracle tolerances). Status (README "What the committed results say"): the fastest attention on the CPU at
@@ -17,8 +19,10 @@ every benchmark shape; SASA2d(128, 128, k=19) takes 1.4-1.5x a k = 3 convolution
 AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extension's own matmul), 1.4x and 1.54x on an
 AMD Zen 4 (1.65-1.7x in a slower pass of its VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches
 43-57% of the physical FMA peak forward and 28-41% fwd+bwd on the Zen 5, 52-65% and 41-53% on the Zen 4, 40-42% and
-27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met forward in most cases, fwd+bwd at 32 x 32
-on the Zen 4 and missed at 28 x 28, where an eighth of every vector's lanes are padding. What bounds it: the
+27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met forward (on the Zen 4 in 20 of 20 runs'
+cases since the forward fills 28 x 28's padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 and
+missed at 28 x 28 (1.48-1.70x), where the backward still pays an eighth of its lanes as padding (4 interleaved heads
+spill its buffers out of L2). What bounds it: the
 contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block set-up and drain
 against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though aggregating 4 key rows at
 once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per accumulator where a group's query
@@ -143,10 +147,11 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_row:
                      rel_col: Optional[torch.Tensor], kernel_size: int, scale: float = 1.0,
                      band: Optional[int] = None) -> torch.Tensor:
     """Fused SASA with the native kernels, forward and backward (arguments as ``local_attention``).
-    ``band``: query rows per CPU task (default: backward the whole image where the (batch, head) planes give 4
-    tasks per CPU of the machine, else k - 1 rounded down to whole groups of rows, at least 8; forward whole
-    4-row groups, about 4 tasks per thread; 0 to the extension); the gradients' bits depend on it, never on the
-    thread count. CUDA tiles are fixed per head dim (csrc/cuda/plan.h)."""
+    ``band``: query rows per CPU task (default: backward the whole image where the planes, (batch, group of
+    interleaved heads), split evenly over the machine's CPUs or give 4 tasks per CPU, else k - 1 rounded down to
+    whole groups of rows, at least 8; forward likewise the whole image where the planes split evenly over the
+    threads, else whole 4-row groups, about 4 tasks per thread; 0 to the extension); the gradients' bits depend on
+    it, never on the thread count. CUDA tiles are fixed per head dim (csrc/cuda/plan.h)."""
     band = 0 if band is None else check_band(band)
     return fused_attention(_NativeKernels, q, k, v, rel_row, rel_col, kernel_size, float(scale), band)
 
@@ -160,7 +165,7 @@ register(
         check=native_available,
         limits=native_limits,
         auto_priority={"cpu": 0, "cuda": 5},
-        options={"band": Option(check_band, "query rows per CPU task, default backward the image with 4 planes per CPU, else k - 1 (whole groups, at least 8); forward about 4 tasks per thread")},
+        options={"band": Option(check_band, "query rows per CPU task, default the image where the planes split evenly over the CPUs (backward: the machine's, forward: the threads), else backward k - 1 (whole groups, at least 8), forward about 4 tasks per thread")},
         poisoned=poisoned_outputs,
     )
 )
