@@ -68,24 +68,18 @@ inline Vec<T> periodic(const T* p) {
     return splat(*p);
   } else if constexpr (PERIOD == kLanes<T>) {
     return load(p);
-#if defined(__AVX512F__)
-  } else if constexpr (sizeof(T) == 4 && PERIOD == 2) {
+  } else if constexpr (sizeof(T) == 4 && PERIOD == 2) {  // the pair as one double on every double lane
     double pair;
     std::memcpy(&pair, p, sizeof pair);
-    return reinterpret_cast<Vec<T>>(_mm512_set1_pd(pair));
+    return reinterpret_cast<Vec<T>>(splat(pair));
+#if defined(__AVX512F__)
   } else if constexpr (sizeof(T) == 4 && PERIOD == 4) {
     return reinterpret_cast<Vec<T>>(_mm512_broadcast_f32x4(_mm_loadu_ps(reinterpret_cast<const float*>(p))));
-  } else if constexpr (sizeof(T) == 4 && PERIOD == 8) {
-    return reinterpret_cast<Vec<T>>(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p))));
 #elif defined(__AVX2__)
-  } else if constexpr (sizeof(T) == 4 && PERIOD == 2) {
-    double pair;
-    std::memcpy(&pair, p, sizeof pair);
-    return reinterpret_cast<Vec<T>>(_mm256_set1_pd(pair));
   } else if constexpr (sizeof(T) == 4 && PERIOD == 4) {
     return reinterpret_cast<Vec<T>>(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)));
 #endif
-  } else {  // fp64 (the tests' accumulation type)
+  } else {  // fp64 (the tests' accumulation type), other ISAs
     Vec<T> v;
     for (int l = 0; l < kLanes<T>; ++l) v[l] = p[l % PERIOD];
     return v;

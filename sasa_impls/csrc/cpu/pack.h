@@ -86,8 +86,9 @@ class PackedRows {
 
   // pack with HEADS = interleave_, known at compile time: the interleaving stores vectorize. One plane: row by row.
   // Interleaved planes: channel by channel, its rows in order (one stream per plane in SASA2d's channel-major
-  // layout), which took 0.70-0.75 of the time of row by row at k = 3, 4 heads of 28 x 28, batch 8 (AMD Zen 4; row
-  // by row one plane's forward at k = 3 took 0.96 of channel by channel).
+  // layout), which took about 0.72 of the time of row by row at k = 3, 4 heads of 28 x 28, batch 8 (AMD Zen 4, the
+  // forward against an unchanged kernel in two runs: 1.015 and 1.404); for one plane, row by row took about 0.87-0.90
+  // of channel by channel (k = 3, 32 x 32, batch 8: 1.006 and 1.039 against 1.15).
   template <int HEADS, typename S>
   void pack_rows(const Plane<const S>* planes, int row_begin, int row_end, T scale) {
     bool unit = true;

@@ -63,7 +63,7 @@ inline bool whole_planes(const Shape& s, int workers) {
   return s.planes() % workers == 0 || s.planes() >= 4 * workers;
 }
 
-// Query rows are cut into bands of ``band`` rows; a task is one (batch, head, band). The band height is
+// Query rows are cut into bands of ``band`` rows; a task is one (plane, band). The band height is
 // a parameter of the call (never derived from the thread count), so the backward's fixed-order
 // reductions over bands give the same bits whatever the number of threads.
 struct Bands {
