@@ -19,8 +19,8 @@ every benchmark shape; SASA2d(128, 128, k=19) takes 1.4-1.5x a k = 3 convolution
 AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extension's own matmul), 1.4x and 1.54x on an
 AMD Zen 4 (1.65-1.7x in a slower pass of its VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches
 43-57% of the physical FMA peak forward and 28-41% fwd+bwd on the Zen 5, 52-65% and 41-53% on the Zen 4, 40-42% and
-27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met forward (on the Zen 4 in 20 of 20 runs'
-cases since the forward fills 28 x 28's padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 and
+27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met forward (on the Zen 4 in all 20 cases of
+five runs since the forward fills 28 x 28's padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 and
 missed at 28 x 28 (1.48-1.70x), where the backward still pays an eighth of its lanes as padding (4 interleaved heads
 spill its buffers out of L2). What bounds it: the
 contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block set-up and drain
