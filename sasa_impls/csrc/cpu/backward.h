@@ -393,18 +393,6 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
   }
 }
 
-// backward_rows with HEADS = shape.interleave (a power of two up to kMaxInterleave and kLanes).
-template <typename T, int HEADS = 1>
-void backward_rows_of(const Shape& shape, BackwardWorkspace<T>& ws, int row0, int row1, int hb, T* halo,
-                      T* rel_partial, int64_t head_stride) {
-  if constexpr (2 * HEADS <= kMaxInterleave && 2 * HEADS <= kLanes<T>) {
-    if (shape.interleave > HEADS) {
-      return backward_rows_of<T, 2 * HEADS>(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
-    }
-  }
-  backward_rows<T, HEADS>(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
-}
-
 // One task: pack the band's rows of heads [h0, h0 + shape.interleave) of image b, compute, store dQ (dK and dV stay
 // in the halo rows).
 template <typename S, typename T>
@@ -419,7 +407,7 @@ void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S,
   ws.v.pack(args.v.planes(b, h0, heads).of, hb, he, T(1));
   if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h0, heads);
   load_row_stats(shape, args, b, h0, row0, row1, ws);
-  const int64_t plane = static_cast<int64_t>(b) * (shape.heads / heads) + h0 / heads;
+  const int64_t plane = shape.plane(b, h0);
   // one band per plane: its halo is the whole plane's, stored below, so it lives in this thread's workspace (a
   // halo for every plane took 7.3 MB at 28 x 28, batch 8, freshly mapped pages on every call)
   T* halo = bands.count() == 1 ? ws.plane_halo.data()
@@ -429,7 +417,9 @@ void backward_task(const Shape& shape, const Bands& bands, const BackwardArgs<S,
   const int64_t head_stride = static_cast<int64_t>(bands.count()) * shape.kernel_size * D;
   const int64_t first_part = (static_cast<int64_t>(b) * shape.heads + h0) * bands.count() + t;
   T* rel_partial = shape.has_rel ? args.rel_partial + first_part * shape.kernel_size * D : nullptr;
-  backward_rows_of(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
+  with_heads<T, kBackwardInterleave>(heads, [&](auto h) {
+    backward_rows<T, decltype(h)::value>(shape, ws, row0, row1, hb, halo, rel_partial, head_stride);
+  });
   if (bands.count() == 1) {  // the plane's only halo: dK and dV are final, stored while still in this core's caches
     for (int a = hb; a < he; ++a) store_key_row(shape, args, b, h0, a, halo + (a - hb) * halo_row_size<T>(shape));
   }
@@ -455,8 +445,7 @@ void reduce_key_row(const Shape& shape, const Bands& bands, const BackwardArgs<S
                     std::vector<T>& sum) {
   const int r = shape.radius();
   const int64_t row_size = halo_row_size<T>(shape);
-  const int64_t plane = static_cast<int64_t>(b) * (shape.heads / shape.interleave) + h0 / shape.interleave;
-  T* head = args.halo + plane * args.halo_offset[bands.count()] * row_size;
+  T* head = args.halo + shape.plane(b, h0) * args.halo_offset[bands.count()] * row_size;
   const auto halo_row = [&](int t) { return head + (args.halo_offset[t] + a - halo_begin(shape, bands, t)) * row_size; };
   const int first = window_begin(a, r) / bands.band, last = (window_end(a, r, shape.height) - 1) / bands.band;
   if (first == last) return store_key_row(shape, args, b, h0, a, halo_row(first));

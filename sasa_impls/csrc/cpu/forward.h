@@ -166,15 +166,6 @@ __attribute__((noinline)) void forward_rows(const Shape& shape, ForwardWorkspace
   }
 }
 
-// forward_rows with HEADS = shape.interleave (a power of two up to kMaxInterleave and kLanes).
-template <typename T, int HEADS = 1>
-void forward_rows_of(const Shape& shape, ForwardWorkspace<T>& ws, int i0, int rows) {
-  if constexpr (2 * HEADS <= kMaxInterleave && 2 * HEADS <= kLanes<T>) {
-    if (shape.interleave > HEADS) return forward_rows_of<T, 2 * HEADS>(shape, ws, i0, rows);
-  }
-  forward_rows<T, HEADS>(shape, ws, i0, rows);
-}
-
 // One task: the query rows [row0, row1) of heads [h0, h0 + shape.interleave) of image b, a group of rows at a time:
 // pack the key and value rows the group's windows add (each row once per task) and its query rows, compute, store
 // y and the log-sum-exp.
@@ -194,7 +185,7 @@ void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int 
     ws.v.pack(v.of, packed, keys_end, T(1));
     packed = keys_end;
     ws.q.pack(q.of, i0, i0 + rows, args.scale);
-    forward_rows_of(shape, ws, i0, rows);
+    with_heads<T, kMaxInterleave>(heads, [&](auto h) { forward_rows<T, decltype(h)::value>(shape, ws, i0, rows); });
     for (int g = 0; g < rows; ++g) {
       store_row(out.of, heads, i0 + g, W, ws.y.data() + static_cast<int64_t>(g) * D * ws.wp, ws.wp, D, T(1));
       const T* lse_lanes = ws.lse.data() + static_cast<int64_t>(g) * ws.wp;

@@ -52,7 +52,7 @@ inline constexpr int kMaxInterleave = 4;
 template <typename T>
 class PackedRows {
  public:
-  PackedRows(int capacity, int channels, int width, int radius, int interleave = 1)
+  PackedRows(int capacity, int channels, int width, int radius, int interleave)
       : capacity_(capacity),
         channels_(channels),
         width_(width),

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../sasa_index.h"
 #include "pack.h"
@@ -17,6 +18,7 @@ struct Shape {
   int row_channels() const { return channels / 2; }  // Dr: rows get the first D // 2 channels
   int col_channels() const { return channels - channels / 2; }
   int planes() const { return batch * (heads / interleave); }  // what the tasks split: (image, group of heads)
+  int64_t plane(int b, int h0) const { return static_cast<int64_t>(b) * (heads / interleave) + h0 / interleave; }
   int lanes() const { return width * interleave; }              // of a packed row
 };
 
@@ -55,6 +57,16 @@ inline int interleaved_heads(const Shape& s, int most = kMaxInterleave) {
     if (lanes * best < best_lanes * m) best = m;
   }
   return best;
+}
+
+// f(std::integral_constant<int, HEADS>{}) with HEADS = ``heads``, a power of two up to MOST and kLanes<T>: the
+// kernels' row loops with the interleave known at compile time (shifts by HEADS lanes as constant displacements).
+template <typename T, int MOST, int HEADS = 1, class F>
+inline void with_heads(int heads, const F& f) {
+  if constexpr (2 * HEADS <= MOST && 2 * HEADS <= kLanes<T>) {
+    if (heads > HEADS) return with_heads<T, MOST, 2 * HEADS>(heads, f);
+  }
+  f(std::integral_constant<int, HEADS>{});
 }
 
 // Whether one band per plane balances ``workers`` threads: the planes split evenly among them, or give each about

@@ -20,7 +20,7 @@ struct RelTables {
   std::vector<T> rows, cols;
 
   template <typename S>
-  void load(const Shape& shape, const S* rel_row, const S* rel_col, int head, int count = 1) {
+  void load(const Shape& shape, const S* rel_row, const S* rel_col, int head, int count) {
     const int k = shape.kernel_size, dr = shape.row_channels(), dc = shape.col_channels();
     rows.assign(static_cast<size_t>(k) * dr * count, T(0));
     cols.assign(static_cast<size_t>(k) * dc * count, T(0));
@@ -46,7 +46,7 @@ struct RowPlusColumns {
 // channel d at queries[g](d)), rows <= MAXROWS: one contraction for all rows, so each load of a table entry feeds
 // every row. Without relative logits the terms are 0 (and the mask, the same for every row: it depends on the
 // columns only).
-template <typename T, int MAXROWS, int HEADS = 1>
+template <typename T, int MAXROWS, int HEADS>
 void block_terms(int rows, const Strided<T>* row_terms, const Strided<T>* col_terms, const Loads<T>* queries,
                  const Shape& shape, const RelTables<T>* rel, int x0) {
   const int k = shape.kernel_size, r = shape.radius(), dr = shape.row_channels(), dc = shape.col_channels();
