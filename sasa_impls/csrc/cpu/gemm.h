@@ -41,17 +41,31 @@ struct Matrix {
 };
 
 // Columns [n0, n0 + width) of rows [k0, k0 + depth) of B into ``slab`` (depth x kPanelWidth, row-major),
-// columns past ``width`` zero.
+// columns past ``width`` zero. Where B's rows are its unit stride (dW's X^T: B's columns are the rows of X), whole
+// kLanes x kLanes tiles are transposed in registers: read in B's row order, one element from each of 64 rows of X
+// per slab row, the packing took 26% of the weight gradient's samples at 32 x 32 (X's rows 4 KB apart, in one L1
+// set), 6-8% at 28 x 28.
 template <typename T>
 void pack_slab(const Matrix<T>& b, int64_t k0, int depth, int64_t n0, int width, T* slab) {
-  constexpr int P = kPanelWidth<T>;
-  for (int k = 0; k < depth; ++k) {
+  constexpr int L = kLanes<T>, P = kPanelWidth<T>;
+  const bool tiles = b.row_stride == 1 && b.col_stride != 1;
+  const int tiled_depth = tiles ? depth / L * L : 0, tiled_width = tiles ? width / L * L : 0;
+  for (int k0t = 0; k0t < tiled_depth; k0t += L) {
+    for (int n0t = 0; n0t < tiled_width; n0t += L) {
+      Vec<T> rows[L];
+      for (int j = 0; j < L; ++j) rows[j] = load(b.at(k0 + k0t, n0 + n0t + j));  // column n0t + j of B
+      transpose<T>(rows);
+      for (int i = 0; i < L; ++i) store(slab + static_cast<int64_t>(k0t + i) * P + n0t, rows[i]);
+    }
+  }
+  for (int k = 0; k < depth; ++k) {  // what the tiles left
     T* row = slab + static_cast<int64_t>(k) * P;
     const T* src = b.at(k0 + k, n0);
+    const int first = k < tiled_depth ? tiled_width : 0;
     if (b.col_stride == 1) {
-      for (int n = 0; n < width; ++n) row[n] = src[n];
+      for (int n = first; n < width; ++n) row[n] = src[n];
     } else {
-      for (int n = 0; n < width; ++n) row[n] = src[n * b.col_stride];
+      for (int n = first; n < width; ++n) row[n] = src[n * b.col_stride];
     }
     for (int n = width; n < P; ++n) row[n] = T(0);
   }

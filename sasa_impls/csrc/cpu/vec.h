@@ -119,6 +119,33 @@ inline Vec<T> load_first(const T* p, int n) {
 #endif
 }
 
+// rows[0 .. kLanes) transposed in registers: lane j of row i and lane i of row j exchanged. log2(kLanes) stages;
+// stage H exchanges, in each pair of rows (i, i + H) with bit H of i clear, the lanes of i with bit H set and the
+// lanes of i + H with bit H clear: two two-source shuffles of constant indices per pair (one vpermt2ps each with
+// AVX-512).
+template <typename T, int H>
+inline void exchange_lanes(Vec<T>* rows) {
+  using Bits = typename VecTraits<T>::bits;
+  constexpr int L = kLanes<T>;
+  Bits first, second;
+  for (int c = 0; c < L; ++c) {
+    first[c] = c & H ? L + c - H : c;   // row i: its own lanes with bit H clear, then row i + H's
+    second[c] = c & H ? L + c : c + H;  // row i + H: row i's lanes with bit H set, then its own
+  }
+  for (int i = 0; i < L; ++i) {
+    if (i & H) continue;
+    const Vec<T> a = rows[i], b = rows[i + H];
+    rows[i] = __builtin_shuffle(a, b, first);
+    rows[i + H] = __builtin_shuffle(a, b, second);
+  }
+  if constexpr (H > 1) exchange_lanes<T, H / 2>(rows);
+}
+
+template <typename T>
+inline void transpose(Vec<T>* rows) {
+  exchange_lanes<T, kLanes<T> / 2>(rows);
+}
+
 // Lane-wise max and horizontal reductions; templates on the vector type (a Vec<T> argument would not
 // deduce T through the alias).
 template <typename V>
