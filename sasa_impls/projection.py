@@ -24,11 +24,11 @@ from .common import records_autograd
 from .impls._native_build import cpu_extension, native_available
 
 
-def _project_conv(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+def _project_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, weight[:, :, None, None])
 
 
-def _project_matmul(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+def _project_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     batch, channels, height, width = x.shape
     if batch == 1:  # one plain GEMM: torch.matmul would compute the transpose and copy it (a third more time)
         return torch.mm(weight, x.reshape(channels, height * width)).view(1, -1, height, width)
@@ -37,34 +37,31 @@ def _project_matmul(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch
 
 class _NativeProduct(torch.autograd.Function):
     """W X per image with the native extension's matmul (csrc/cpu/gemm.h), and its gradients with the same
-    kernel: dX = W^T dY per image, dW = sum over images of dY X^T. W's rows are ``groups`` stacked weights:
-    with fewer images than threads, each thread computes the same rows of every group (the heads it then
-    attends, sasa_cpu.cpp's matmul)."""
+    kernel: dX = W^T dY per image, dW = sum over images of dY X^T."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         batch, _, height, width = x.shape
-        out = cpu_extension().matmul(weight[None], x.flatten(2), False, groups)  # (B, sum d_out, H W)
+        out = cpu_extension().matmul(weight[None], x.flatten(2), False)  # (B, sum d_out, H W)
         return out.view(batch, -1, height, width)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         x, weight = ctx.saved_tensors
         ext, grad = cpu_extension(), grad.flatten(2)  # (B, sum d_out, H W)
         dx = ext.matmul(weight.t()[None], grad, False).view(x.shape) if ctx.needs_input_grad[0] else None
         dw = ext.matmul(grad, x.flatten(2).transpose(1, 2), True) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        return dx, dw
 
 
-def _project_native(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    return _NativeProduct.apply(x, weight, groups)
+def _project_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _NativeProduct.apply(x, weight)
 
 
-# backend(x, weight, groups): weight (sum d_out, d_in) is ``groups`` stacked weights of equal rows (1 where they
-# differ); only the native product uses that (to split its threads' work by heads)
-PROJECTION_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+# backend(x, weight): weight (sum d_out, d_in)
+PROJECTION_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "conv": _project_conv, "matmul": _project_matmul, "native": _project_native}
 _CHOSEN_BACKEND: dict[tuple, str] = {}
 # Among backends whose times tie (within TIE of the fastest), the first of these: the extension's matmul allocates
@@ -101,21 +98,21 @@ def fastest_preferred(seconds: dict[str, float]) -> str:
     return next(name for name in order if seconds[name] <= (1 + TIE) * fastest)
 
 
-def _timed_call(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-                groups: int, training: bool) -> Callable[[], object]:
+def _timed_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                training: bool) -> Callable[[], object]:
     """One call of the backend ``fn`` on the operands (detached): the forward, or with ``training`` the forward
     and the backward of a random output gradient to the operands that require one."""
     if not training:
         def forward() -> object:
             with torch.no_grad():
-                return fn(x.detach(), weight.detach(), groups)
+                return fn(x.detach(), weight.detach())
         return forward
     xg, wg = x.detach().requires_grad_(x.requires_grad), weight.detach().requires_grad_(weight.requires_grad)
-    grad = torch.randn_like(fn(xg.detach(), wg.detach(), groups))
+    grad = torch.randn_like(fn(xg.detach(), wg.detach()))
 
     def step() -> object:
         with torch.enable_grad():
-            fn(xg, wg, groups).backward(grad)
+            fn(xg, wg).backward(grad)
         xg.grad = wg.grad = None
     return step
 
@@ -136,18 +133,18 @@ def projection_candidates(x: torch.Tensor) -> list[str]:
     return names
 
 
-def projection_backend(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
-    """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` (``groups`` stacked weights) here
-    (ties broken by :func:`fastest_preferred`), measured at first use per (input shape, output channels, groups,
-    dtype, device, memory format, training) and cached. In training (autograd
+def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` here (ties broken by
+    :func:`fastest_preferred`), measured at first use per (input shape, output channels, dtype, device, memory
+    format, training) and cached. In training (autograd
     recording) the forward and backward are timed together: at batch 8 the 1x1 conv had the faster forward
     and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""
     if x.device.type == "meta" or torch.jit.is_tracing():
         return "conv"
     training = records_autograd(x, weight)
-    key = (tuple(x.shape), weight.shape[0], groups, x.dtype, x.device, x.is_contiguous(), training)
+    key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training)
     if key not in _CHOSEN_BACKEND:
-        calls = {name: _timed_call(PROJECTION_BACKENDS[name], x, weight, groups, training) for name in projection_candidates(x)}
+        calls = {name: _timed_call(PROJECTION_BACKENDS[name], x, weight, training) for name in projection_candidates(x)}
         _CHOSEN_BACKEND[key] = fastest_preferred(_time_backends(calls, x.device))
     return _CHOSEN_BACKEND[key]
 
@@ -213,6 +210,5 @@ def fused_projection(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> list[torch.
         return [conv(x) for conv in convs]
     weight = stacked_weight(convs)
     sizes = tuple(conv.out_channels for conv in convs)
-    groups = len(sizes) if len(set(sizes)) == 1 else 1
-    out = PROJECTION_BACKENDS[projection_backend(x, weight, groups)](x, weight, groups)
+    out = PROJECTION_BACKENDS[projection_backend(x, weight)](x, weight)
     return list(_ChannelSplit.apply(out, sizes) if records_autograd(out) else out.split(sizes, dim=1))

@@ -122,11 +122,13 @@ def test_fused_projection_matches_three_convs(backend, channels_last, batch, mon
     x = torch.randn(batch, 12, 5, 7)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    key = (tuple(x.shape), 48, 3, x.dtype, x.device, x.is_contiguous(), True)
+    key = (tuple(x.shape), 48, x.dtype, x.device, x.is_contiguous(), True)
     monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, backend if x.is_contiguous() else "conv")
     convs = (layer.query, layer.key, layer.value)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    chosen = dict(sasa_impls.projection._CHOSEN_BACKEND)
     fused = sasa_impls.projection.fused_projection(x1, convs)
+    assert sasa_impls.projection._CHOSEN_BACKEND == chosen  # the backend set above ran: nothing was timed
     separate = [conv(x2) for conv in convs]
     assert len({t.untyped_storage().data_ptr() for t in fused}) == 1
     weights = [torch.randn_like(t) for t in separate]
@@ -161,7 +163,7 @@ def test_projection_backend_is_measured_once_per_shape_and_mode(monkeypatch):
     timed = []
     original = sasa_impls.projection._timed_call
     monkeypatch.setattr(sasa_impls.projection, "_timed_call",
-                        lambda fn, x, w, groups, training: timed.append(training) or original(fn, x, w, groups, training))
+                        lambda fn, x, w, training: timed.append(training) or original(fn, x, w, training))
     layer = sasa_impls.SASA2d(8, 8, 3, heads=2)
     layer(torch.randn(1, 8, 6, 6))
     layer(torch.randn(1, 8, 6, 6))

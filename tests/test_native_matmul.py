@@ -66,25 +66,6 @@ def test_product_bits_do_not_depend_on_the_thread_count(reduce):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-@pytest.mark.parametrize("batch, m", [(1, 39), (2, 384)])
-def test_stacked_weights_split_by_rows_give_the_same_bits(batch, m):
-    """``groups`` stacked weights: with fewer images than threads, each task computes a part of every group's
-    rows (a part per thread: 13 rows cut into 2, 3 or 4 unequal parts); every element still sums over k in the
-    same order, so the bits equal those of the plain product, whatever the thread count."""
-    a, b = torch.randn(1, m, 40), torch.randn(batch, 40, 70)
-    want = ext().matmul(a, b, False)
-    assert (want.double() - a.double() @ b.double()).abs().max().item() <= tolerance(torch.float32, 40) * want.abs().max().item()
-    counts = (1, 2, 3, 4)
-    for count, got in zip(counts, on_thread_counts(counts, lambda: ext().matmul(a, b, False, 3))):
-        assert torch.equal(got, want), count
-
-
-@pytest.mark.parametrize("groups", [0, 5, -3])
-def test_groups_must_divide_the_rows(groups):
-    with pytest.raises(RuntimeError, match="groups: expected a positive divisor of a's rows"):
-        ext().matmul(torch.randn(1, 12, 3), torch.randn(1, 3, 5), False, groups)
-
-
 def test_empty_depth_gives_zeros():
     got = ext().matmul(torch.randn(1, 4, 0), torch.randn(2, 0, 5), False)
     assert torch.equal(got, torch.zeros(2, 4, 5))
@@ -109,7 +90,7 @@ def test_native_projection_backend_gives_the_convs_gradients_in_float64():
     convs = (layer.query, layer.key, layer.value)
     x = torch.randn(2, 10, 7, 9, dtype=torch.float64, requires_grad=True)
     weight = sasa_impls.projection.stacked_weight(convs)
-    fused = sasa_impls.projection.PROJECTION_BACKENDS["native"](x, weight, 3)
+    fused = sasa_impls.projection.PROJECTION_BACKENDS["native"](x, weight)
     separate = torch.cat([conv(x) for conv in convs], 1)
     torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
     seed = torch.randn_like(separate)

@@ -140,29 +140,19 @@ inline void gemm_rows(int rows, int vectors, const Matrix<T>& a, int64_t m0, int
   gemm_block<T, ROWS, V>(a, m0, k0, depth, slab, c, ldc, width, accumulate);
 }
 
-// Rows of C: ``count`` runs of [first, first + length), each ``spacing`` rows after the previous one (one run:
-// a plain row range; one run per stacked weight: the same heads' rows of the Q, K and V projections).
-struct RowRuns {
-  int64_t first, length, spacing = 0;
-  int count = 1;
-};
-
-// C[rows, n0 .. n0 + width) (+)= A[rows, :] B[:, n0 .. n0 + width), K = a's columns, slab by slab;
+// C[m0 .. m1, n0 .. n0 + width) (+)= A[m0 .. m1, :] B[:, n0 .. n0 + width), K = a's columns, slab by slab;
 // ``accumulate`` adds to C instead of overwriting it. ``slab``: kDepth x kPanelWidth scratch.
 template <typename T>
-void gemm_panel(const Matrix<T>& a, const Matrix<T>& b, RowRuns rows, int64_t depth_total, int64_t n0, int width, T* c,
-                int64_t ldc, bool accumulate, T* slab) {
+void gemm_panel(const Matrix<T>& a, const Matrix<T>& b, int64_t m0, int64_t m1, int64_t depth_total, int64_t n0,
+                int width, T* c, int64_t ldc, bool accumulate, T* slab) {
   for (int64_t k0 = 0; k0 < depth_total; k0 += kDepth) {
     const int depth = static_cast<int>(depth_total - k0 < kDepth ? depth_total - k0 : kDepth);
     pack_slab(b, k0, depth, n0, width, slab);
     const bool add = accumulate || k0 > 0;
     const int vectors = (width + kLanes<T> - 1) / kLanes<T>;
-    for (int run = 0; run < rows.count; ++run) {
-      const int64_t m0 = rows.first + run * rows.spacing, m1 = m0 + rows.length;
-      for (int64_t m = m0; m < m1; m += kRowBlock) {
-        const int block = static_cast<int>(m1 - m < kRowBlock ? m1 - m : kRowBlock);
-        gemm_rows<T>(block, vectors, a, m, k0, depth, slab, c + m * ldc + n0, ldc, width, add);
-      }
+    for (int64_t m = m0; m < m1; m += kRowBlock) {
+      const int block = static_cast<int>(m1 - m < kRowBlock ? m1 - m : kRowBlock);
+      gemm_rows<T>(block, vectors, a, m, k0, depth, slab, c + m * ldc + n0, ldc, width, add);
     }
   }
 }

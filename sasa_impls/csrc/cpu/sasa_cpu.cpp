@@ -271,15 +271,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 }
 
 // C_b = A_b B_b for every b ((B, M, N)), or with ``reduce`` C = sum_b A_b B_b ((M, N), the sum in b order):
-// a (1 or B, M, K), b (B, K, N), fp32 or fp64, any strides. Tasks: (image, part, panel of columns), or with
-// ``reduce`` (panel, chunk of rows) each summing over every image. A's rows are ``groups`` stacked weights
-// (SASA2d's Q, K and V: 3); with several groups and fewer images than threads each image's rows are cut into
-// one part per thread (B = 1: two parts on 2 threads), a part holding the same rows of every group: the heads
-// whose attention run_tasks then gives the same thread (its tasks are (batch, head) planes in the same order),
-// so it reads q, k and v from its own core's caches (the op's forward ran 13% slower after the product on 2
-// threads than alone, not on one; AMD Zen 4). One group keeps whole columns per task: each part packs the
-// panel's slab again (the input gradient's product, K = 384, 1.7% slower cut in two at 28 x 28).
-at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce, int64_t groups) {
+// a (1 or B, M, K), b (B, K, N), fp32 or fp64, any strides. Tasks: (image, panel of columns), or with ``reduce``
+// (panel, chunk of rows) each summing over every image. A task computes every row of its panel, so each panel's slab
+// is packed once: cutting an image's rows into one part per thread (the heads each thread then attends, so that it
+// read q, k and v from its own core) packed every slab once per part and left 2-row blocks at the parts' ends; whole
+// panels took 0.95-0.98 of the forward product's time at batch 1 and 0.98-1.00 of the layer's chained kernels
+// (scripts/native_ab.py, AMD Zen 4 f25m17, 2 threads).
+at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce) {
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "a, b: expected (batch, M, K) and (batch, K, N)");
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() &&
                   (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
@@ -287,13 +285,10 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce, int64_t
   const int64_t batch = b.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
   TORCH_CHECK(b.size(1) == K && (a.size(0) == 1 || a.size(0) == batch),
               "a, b: expected (1 or batch, M, K) and (batch, K, N), got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(groups >= 1 && M % groups == 0, "groups: expected a positive divisor of a's rows (", M, "), got ", groups);
   const auto shape = reduce ? std::vector<int64_t>{M, N} : std::vector<int64_t>{batch, M, N};
   if (batch == 0 || M == 0 || N == 0 || K == 0) return at::zeros(shape, b.options());
   at::Tensor c = at::empty(shape, b.options());  // every element written by one task, its first write a store
   const int64_t a_batch_stride = a.size(0) == 1 ? 0 : a.stride(0);
-  const int64_t group_rows = M / groups;
-  const int64_t parts = reduce || groups == 1 ? 1 : std::clamp<int64_t>(at::get_num_threads() / batch, 1, group_rows);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sasa_native_matmul", [&] {
     using T = scalar_t;
     constexpr int P = kPanelWidth<T>;
@@ -306,22 +301,20 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce, int64_t
     };
     T* out = c.data_ptr<T>();
     const int64_t depth = std::min<int64_t>(kDepth, K);  // the slab, per thread: no deeper than the product
-    run_tasks(reduce ? panels * chunks : batch * parts * panels, [&] { return VecBuffer<T>(depth * kPanelVectors); },
+    run_tasks(reduce ? panels * chunks : batch * panels, [&] { return VecBuffer<T>(depth * kPanelVectors); },
               [&](VecBuffer<T>& slab, int64_t task) {
                 const int64_t panel = task % panels, n0 = panel * P;
                 const int width = static_cast<int>(std::min<int64_t>(P, N - n0));
                 if (!reduce) {
-                  const int64_t image = task / panels / parts, part = task / panels % parts;
-                  const int64_t first = part * group_rows / parts, last = (part + 1) * group_rows / parts;
-                  gemm_panel(operand(a, image, a_batch_stride), operand(b, image, b.stride(0)),
-                             RowRuns{first, last - first, group_rows, static_cast<int>(groups)}, K, n0, width,
+                  const int64_t image = task / panels;
+                  gemm_panel(operand(a, image, a_batch_stride), operand(b, image, b.stride(0)), 0, M, K, n0, width,
                              out + image * M * N, N, false, slab.data());
                   return;
                 }
                 const int64_t m0 = task / panels * chunk_rows, m1 = std::min(M, m0 + chunk_rows);
                 for (int64_t image = 0; image < batch && m0 < m1; ++image) {
-                  gemm_panel(operand(a, image, a_batch_stride), operand(b, image, b.stride(0)), RowRuns{m0, m1 - m0},
-                             K, n0, width, out, N, image > 0, slab.data());
+                  gemm_panel(operand(a, image, a_batch_stride), operand(b, image, b.stride(0)), m0, m1, K, n0, width,
+                             out, N, image > 0, slab.data());
                 }
               });
   });
@@ -359,9 +352,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "scale, poison, band)",
         py::call_guard<py::gil_scoped_release>());
   m.def("matmul", &matmul,
-        "c = matmul(a, b, reduce, groups=1): a_b b_b per image, or their sum over images (reduce); a's rows "
-        "``groups`` stacked weights",
-        py::arg("a"), py::arg("b"), py::arg("reduce"), py::arg("groups") = 1, py::call_guard<py::gil_scoped_release>());
+        "c = matmul(a, b, reduce): a_b b_b per image, or their sum over images (reduce)", py::arg("a"), py::arg("b"),
+        py::arg("reduce"), py::call_guard<py::gil_scoped_release>());
   m.def("fma_peak", &fma_peak, "GFLOP/s = fma_peak(double_precision, threads, iterations): the physical FMA peak",
         py::call_guard<py::gil_scoped_release>());
 }
