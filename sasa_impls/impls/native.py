@@ -4,9 +4,8 @@ The op is the local self-attention of SASA (Ramachandran et al., "Stand-Alone Se
 Models", NeurIPS 2019) with the contract's masked borders and factorized relative logits.
 
 CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native), parallel
-over (batch, head, row band) tasks on ATen's threads, each thread first running its own contiguous share of them, as
-the projection's product splits its work (sasa_cpu.cpp's run_tasks, matmul), so a thread attends the q, k, v its
-core wrote. Per query block (a vector of consecutive pixels of one row; four rows at a time with AVX-512, three with
+over (batch, head, row band) tasks on ATen's threads, each thread first running its own contiguous share of them
+(sasa_cpu.cpp's run_tasks). Per query block (a vector of consecutive pixels of one row; four rows at a time with AVX-512, three with
 AVX2: csrc/cpu/forward.h, backward.h) it walks the key rows of the window with an online softmax, computing the
 logits of all k column offsets from shifted loads of a packed key row; where one head's row would leave a vector's
 lanes empty (28 pixels in 32 lanes), 2 or 4 heads' pixels share the vectors (the forward up to 4, the backward up to
