@@ -110,9 +110,10 @@ def chain_inputs(case: Case) -> tuple:
 
 
 def stacked_product(extension) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The projection's product as _NativeProduct calls it: the weight's rows Q, K and V (groups=3, which splits
-    the threads' work by heads at batch 1), where the version takes that argument (decided once: a failed call's
-    TypeError formats its tensors, a millisecond)."""
+    """The projection's product as _NativeProduct calls it in ``extension``'s version: versions before c68c1a7 were
+    told the weight stacks Q, K and V (groups=3, which split the threads' work by heads at batch 1), later ones
+    take no such argument (decided once from the docstring: a failed call's TypeError formats its tensors, a
+    millisecond)."""
     if "groups" in (extension.matmul.__doc__ or ""):
         return lambda weight, x: extension.matmul(weight, x, False, groups=3)
     return lambda weight, x: extension.matmul(weight, x, False)

@@ -3,37 +3,37 @@
 The op is the local self-attention of SASA (Ramachandran et al., "Stand-Alone Self-Attention in Vision
 Models", NeurIPS 2019) with the contract's masked borders and factorized relative logits.
 
-CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native), parallel
-over (batch, head, row band) tasks on ATen's threads, each thread first running its own contiguous share of them
-(sasa_cpu.cpp's run_tasks). Per query block (a vector of consecutive pixels of one row; four rows at a time with AVX-512, three with
-AVX2: csrc/cpu/forward.h, backward.h) it walks the key rows of the window with an online softmax, computing the
-logits of all k column offsets from shifted loads of a packed key row; where one head's row would leave a vector's
-lanes empty (28 pixels in 32 lanes), 2 or 4 heads' pixels share the vectors (the forward up to 4, the backward up to
-2: csrc/cpu/problem.h's interleaved_heads); relative logits are factorized (k D MACs per pixel); nothing of size
-k^2 per pixel is stored (memory O(HW C); the forward's scratch does not grow with the band).
-The backward recomputes the probabilities from the saved log-sum-exp and sums per-band key gradients in band order,
-so every result is bitwise independent of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the
-tests' oracle tolerances). Status (README "What the committed results say"): the fastest attention on the CPU at
-every benchmark shape; SASA2d(128, 128, k=19) takes 1.4-1.5x a k = 3 convolution forward and 1.8-1.9x fwd+bwd on an
-AMD Zen 5 (AVX-512; `sasa-bench claim`, with the projections on the extension's own matmul), 1.4x and 1.54x on an
-AMD Zen 4 (1.65-1.7x in a slower pass of its VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches
-43-57% of the physical FMA peak forward and 28-41% fwd+bwd on the Zen 5, 52-65% and 41-53% on the Zen 4, 40-42% and
-27-29% on the Xeon (`scripts/native_targets.py`): issue 20's 1.5x is met forward (on the Zen 4 in all 20 cases of
-five runs since the forward fills 28 x 28's padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 and
-missed at 28 x 28 (1.48-1.70x), where the backward still pays an eighth of its lanes as padding (4 interleaved heads
-spill its buffers out of L2). What bounds it: the
-contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block set-up and drain
-against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though aggregating 4 key rows at
-once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per accumulator where a group's query
-and key rows all meet, 0.95-0.98 of its time, and blocks of up to 20 accumulators take the logits' 19 offsets in 4
-blocks instead of 5, 0.96-0.98 backward, 0.98-0.99 forward), the backward, 2.5x the forward's FMAs, takes 2.5-3.2x
-its time, and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one autograd
-node for the whole layer, tried in Python and in C++, did not measurably shorten it), its kernels running 5-19%
-slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the threads read what
-their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1, in most
-passes of the Zen 4's VM). The AVX2 build (the "avx2" variant, -march=haswell, 3-row groups) passes the reference
-checks in the tests on any AVX2 machine; on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes
-1.10-1.16x the AVX-512 build's time forward and 1.19-1.20x backward; it has not been timed on an AVX2-only CPU.
+CPU (``csrc/cpu``): fused, vectorized for the machine's ISA (GCC/Clang vector extensions, -march=native), parallel over
+(batch, head, row band) tasks on ATen's threads, each thread first running its own contiguous share of them
+(sasa_cpu.cpp's run_tasks). Per query block (a vector of consecutive pixels of one row; four rows at a time with
+AVX-512, three with AVX2: csrc/cpu/forward.h, backward.h) it walks the key rows of the window with an online softmax,
+computing the logits of all k column offsets from shifted loads of a packed key row; where one head's row would leave a
+vector's lanes empty (28 pixels in 32 lanes), 2 or 4 heads' pixels share the vectors (the forward up to 4, the backward
+up to 2: csrc/cpu/problem.h's interleaved_heads); relative logits are factorized (k D MACs per pixel); nothing of size
+k^2 per pixel is stored (memory O(HW C); the forward's scratch does not grow with the band). The backward recomputes the
+probabilities from the saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise
+independent of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle tolerances).
+Status (README "What the committed results say"): the fastest attention on the CPU at every benchmark shape; SASA2d(128,
+128, k=19) takes 1.4-1.5x a k = 3 convolution forward and 1.8-1.9x fwd+bwd on an AMD Zen 5 (AVX-512; `sasa-bench claim`,
+with the projections on the extension's own matmul), 1.4x and 1.54x on an AMD Zen 4 (1.65-1.7x in a slower pass of its
+VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the physical FMA peak forward and 28-41%
+fwd+bwd on the Zen 5, 52-65% and 41-53% on the Zen 4, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`): issue
+20's 1.5x is met forward (on the Zen 4 in 19 or 20 of the 20 cases of five runs since the forward fills 28 x 28's
+padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 and at 28 x 28 in 5 of 10 runs (1.45-1.57x),
+where the backward still pays an eighth of its lanes as padding (4 interleaved heads spill its buffers out of L2); the
+projection's three products run at 86-92% of the FMA loop (csrc/cpu/gemm.h). What bounds it: the contraction microkernel
+alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block set-up and drain against reductions of only D =
+16 or k = 19 terms; 97% at 76 terms on the Zen 4, though aggregating 4 key rows at once gained the forward 0-3%; the
+backward's dQ, dK and dV sum 4 x 19 terms per accumulator where a group's query and key rows all meet, 0.95-0.98 of its
+time, and blocks of up to 20 accumulators take the logits' 19 offsets in 4 blocks instead of 5, 0.96-0.98 backward,
+0.98-0.99 forward), the backward, 2.5x the forward's FMAs, takes 2.5-3.2x its time, and the layer's autograd and Python
+around its kernels cost 9-18% of its fwd+bwd at batch 1 (one autograd node for the whole layer, tried in Python and in
+C++, did not measurably shorten it), its kernels running 5-19% slower in the layer's sequence than each alone
+(scripts/native_ab.py's chain cases; since the threads read what their own core wrote, the chained kernels take
+0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1, in most passes of the Zen 4's VM). The AVX2 build (the "avx2"
+variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2 machine; on the Zen 4, whose
+256- and 512-bit FMA rates are equal, it takes 1.10-1.16x the AVX-512 build's time forward and 1.19-1.20x backward; it
+has not been timed on an AVX2-only CPU.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
