@@ -177,6 +177,10 @@ void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int 
   if (shape.has_rel) ws.rel.load(shape, args.rel_row, args.rel_col, h0, heads);
   const auto q = args.q.planes(b, h0, heads), k = args.k.planes(b, h0, heads), v = args.v.planes(b, h0, heads);
   const auto out = args.out.planes(b, h0, heads);
+  Plane<T> lse[kMaxInterleave];  // the heads' (H, W) log-sum-exps as planes of one channel
+  for (int s = 0; s < heads; ++s) {
+    lse[s] = {args.lse + (static_cast<int64_t>(b) * shape.heads + h0 + s) * H * W, W, 1, 0};
+  }
   int packed = window_begin(row0, r);  // key rows below are packed
   for (int i0 = row0; i0 < row1; i0 += G) {
     const int rows = row1 - i0 < G ? row1 - i0 : G;
@@ -188,11 +192,7 @@ void forward_task(const Shape& shape, const ForwardArgs<S, T>& args, int b, int 
     with_heads<T, kMaxInterleave>(heads, [&](auto h) { forward_rows<T, decltype(h)::value>(shape, ws, i0, rows); });
     for (int g = 0; g < rows; ++g) {
       store_row(out.of, heads, i0 + g, W, ws.y.data() + static_cast<int64_t>(g) * D * ws.wp, ws.wp, D, T(1));
-      const T* lse_lanes = ws.lse.data() + static_cast<int64_t>(g) * ws.wp;
-      for (int s = 0; s < heads; ++s) {
-        T* lse = args.lse + ((static_cast<int64_t>(b) * shape.heads + h0 + s) * H + i0 + g) * W;
-        for (int x = 0; x < W; ++x) lse[x] = lse_lanes[x * heads + s];
-      }
+      store_row(lse, heads, i0 + g, W, ws.lse.data() + static_cast<int64_t>(g) * ws.wp, ws.wp, 1, T(1));
     }
   }
 }

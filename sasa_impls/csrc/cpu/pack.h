@@ -38,6 +38,17 @@ class VecBuffer {
 // The most planes PackedRows interleaves (a power of two).
 inline constexpr int kMaxInterleave = 4;
 
+// f(std::integral_constant<int, HEADS>{}) with HEADS = ``heads``, a power of two up to MOST and kLanes<T>: the
+// kernels' row loops, PackedRows' packing and store_row with the interleave known at compile time (shifts by HEADS
+// lanes as constant displacements; the (de-)interleaving loops vectorize).
+template <typename T, int MOST, int HEADS = 1, class F>
+inline void with_heads(int heads, const F& f) {
+  if constexpr (2 * HEADS <= MOST && 2 * HEADS <= kLanes<T>) {
+    if (heads > HEADS) return with_heads<T, MOST, 2 * HEADS>(heads, f);
+  }
+  f(std::integral_constant<int, HEADS>{});
+}
+
 // Rows of ``interleave`` planes (heads) as T, scaled, in a ring of ``capacity`` rows (row i lives in slot i %
 // capacity, so a sweep down the image packs each row once and overwrites rows it has left behind). The planes'
 // pixels are interleaved: lane x * interleave + s holds column x of plane s, so a vector of consecutive lanes holds
@@ -67,12 +78,9 @@ class PackedRows {
   // of a segment are ever written: the zero gaps and the padding stay zero.
   template <typename S>
   void pack(const Plane<const S>* planes, int row_begin, int row_end, T scale) {
-    static_assert(kMaxInterleave == 4, "one case per interleave");
-    switch (interleave_) {
-      case 1: return pack_rows<1>(planes, row_begin, row_end, scale);
-      case 2: return pack_rows<2>(planes, row_begin, row_end, scale);
-      default: return pack_rows<4>(planes, row_begin, row_end, scale);
-    }
+    with_heads<T, kMaxInterleave>(interleave_, [&](auto heads) {
+      pack_rows<decltype(heads)::value>(planes, row_begin, row_end, scale);
+    });
   }
 
   // Channel ``channel`` of row ``row`` from lane ``x`` (column x / interleave).
@@ -175,20 +183,17 @@ template <typename T, typename S>
 inline void store_row(const Plane<S>* planes, int interleave, int i, int width, T* rows, int64_t row_stride,
                       int channels, T factor) {
   constexpr int L = kLanes<T>;
-  if (interleave == 1) {
-    for (int x0 = 0; x0 < width; x0 += L) {
-      store_pixels(planes[0], i, x0, width - x0 < L ? width - x0 : L, Strided<T>{rows + x0, row_stride},
-                   channels, factor);
-    }
-    return;
-  }
-  for (int d = 0; d < channels; ++d) {
-    if (interleave == 2) {  // HEADS known at compile time: the de-interleaving loads vectorize
-      deinterleave<2>(planes, i, d, width, rows + d * row_stride, factor);
+  with_heads<T, kMaxInterleave>(interleave, [&](auto heads) {
+    constexpr int HEADS = decltype(heads)::value;  // known at compile time: the de-interleaving loads vectorize
+    if constexpr (HEADS == 1) {
+      for (int x0 = 0; x0 < width; x0 += L) {
+        store_pixels(planes[0], i, x0, width - x0 < L ? width - x0 : L, Strided<T>{rows + x0, row_stride},
+                     channels, factor);
+      }
     } else {
-      deinterleave<4>(planes, i, d, width, rows + d * row_stride, factor);
+      for (int d = 0; d < channels; ++d) deinterleave<HEADS>(planes, i, d, width, rows + d * row_stride, factor);
     }
-  }
+  });
 }
 
 }  // namespace sasa::cpu

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../sasa_index.h"
 #include "pack.h"
@@ -57,16 +56,6 @@ inline int interleaved_heads(const Shape& s, int most = kMaxInterleave) {
     if (lanes * best < best_lanes * m) best = m;
   }
   return best;
-}
-
-// f(std::integral_constant<int, HEADS>{}) with HEADS = ``heads``, a power of two up to MOST and kLanes<T>: the
-// kernels' row loops with the interleave known at compile time (shifts by HEADS lanes as constant displacements).
-template <typename T, int MOST, int HEADS = 1, class F>
-inline void with_heads(int heads, const F& f) {
-  if constexpr (2 * HEADS <= MOST && 2 * HEADS <= kLanes<T>) {
-    if (heads > HEADS) return with_heads<T, MOST, 2 * HEADS>(heads, f);
-  }
-  f(std::integral_constant<int, HEADS>{});
 }
 
 // Whether one band per plane balances ``workers`` threads: the planes split evenly among them, or give each about

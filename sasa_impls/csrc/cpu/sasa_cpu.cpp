@@ -82,7 +82,7 @@ class Share {
 // fn(workspace, task) for every task in [0, tasks) on ATen's threads, one workspace per thread (make_workspace's
 // result: a new one, or a reference to thread_workspace's). Thread t
 // first runs the t-th contiguous share of the tasks, in order, so consecutive kernels whose tasks split the
-// data alike (the (batch, head) planes, the projection's heads: matmul below) find their operands in the
+// data alike (the forward's and the backward's (batch, group of heads) planes) find their operands in the
 // core that wrote them; then it takes the tasks left in the other shares, from their ends, so a thread slowed
 // down (by other processes, or by bigger tasks) takes fewer. A task's result never depends on the thread
 // that runs it.
