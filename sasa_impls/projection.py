@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .common import records_autograd
-from .impls._native_build import cpu_extension, native_available
+from .impls._native_build import active_cpu_extension, active_cpu_variant, native_available
 
 
 def _project_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -36,21 +36,22 @@ def _project_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _NativeProduct(torch.autograd.Function):
-    """W X per image with the native extension's matmul (csrc/cpu/gemm.h), and its gradients with the same
-    kernel: dX = W^T dY per image, dW = sum over images of dY X^T."""
+    """W X per image with the native extension's matmul (csrc/cpu/gemm.h; the build the op runs,
+    _native_build.cpu_variant), and its gradients with the same kernel: dX = W^T dY per image, dW = sum over images
+    of dY X^T."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         batch, _, height, width = x.shape
-        out = cpu_extension().matmul(weight[None], x.flatten(2), False)  # (B, sum d_out, H W)
+        out = active_cpu_extension().matmul(weight[None], x.flatten(2), False)  # (B, sum d_out, H W)
         return out.view(batch, -1, height, width)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         x, weight = ctx.saved_tensors
-        ext, grad = cpu_extension(), grad.flatten(2)  # (B, sum d_out, H W)
+        ext, grad = active_cpu_extension(), grad.flatten(2)  # (B, sum d_out, H W)
         dx = ext.matmul(weight.t()[None], grad, False).view(x.shape) if ctx.needs_input_grad[0] else None
         dw = ext.matmul(grad, x.flatten(2).transpose(1, 2), True) if ctx.needs_input_grad[1] else None
         return dx, dw
@@ -126,7 +127,7 @@ def projection_candidates(x: torch.Tensor) -> list[str]:
     names = ["conv", "matmul"]
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and native_available(x.device, x.dtype)[0]:
         try:
-            cpu_extension()
+            active_cpu_extension()
             names.append("native")
         except RuntimeError:  # a failed build: native_available says why from now on
             pass
@@ -136,13 +137,13 @@ def projection_candidates(x: torch.Tensor) -> list[str]:
 def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` here (ties broken by
     :func:`fastest_preferred`), measured at first use per (input shape, output channels, dtype, device, memory
-    format, training) and cached. In training (autograd
+    format, training, the native build running: _native_build.cpu_variant) and cached. In training (autograd
     recording) the forward and backward are timed together: at batch 8 the 1x1 conv had the faster forward
     and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""
     if x.device.type == "meta" or torch.jit.is_tracing():
         return "conv"
     training = records_autograd(x, weight)
-    key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training)
+    key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training, active_cpu_variant())
     if key not in _CHOSEN_BACKEND:
         calls = {name: _timed_call(PROJECTION_BACKENDS[name], x, weight, training) for name in projection_candidates(x)}
         _CHOSEN_BACKEND[key] = fastest_preferred(_time_backends(calls, x.device))

@@ -4,6 +4,13 @@ cancels (ratios of medians). Prints one line per target: measured, target, met o
 
     python scripts/native_targets.py                 # about a minute
     python scripts/native_targets.py --seconds 1     # shorter (noisier) timing windows
+    python scripts/native_targets.py --isa avx2      # the AVX2 code paths on a CPU that has more
+
+``--isa avx2`` runs every code path as an AVX2-only CPU would: the kernel's and the projection product's AVX2 build
+(_native_build's "avx2" variant, whose FMA loop is then the peak), and the conv (oneDNN) and the BLAS (MKL) limited
+to AVX2 by their environment variables, set before either library's first call in the process. The cores stay this
+CPU's (its caches; its FMA units: a Zen 4 runs 256-bit FMAs at its 512-bit rate), so this times the AVX2 code paths,
+not an AVX2-only machine.
 
 Targets: the layer within 1.5x of the conv (28x28 and 32x32, batch 1 and 8, fwd and fwd+bwd); the bare op
 at k = 19 (1 x 8 heads x 32 x 32 x 16, relative logits) at >= 50% of the physical FMA peak forward and >= 40%
@@ -21,6 +28,7 @@ through the caches.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from typing import Callable
 
@@ -28,9 +36,10 @@ import torch
 
 import sasa_impls
 from bench import measure
+from bench.env import cpu_machine_id
 from bench.interleave import InterleaveSettings, time_rounds
 from sasa_impls.functional import local_attention
-from sasa_impls.impls._native_build import cpu_extension
+from sasa_impls.impls._native_build import ISA_VARIANTS, active_cpu_extension, cpu_variant
 
 CHANNELS, HEADS, THREADS = 128, 8, 2
 
@@ -90,7 +99,7 @@ def peak_probe(iterations: int = 500_000, threads: int = THREADS) -> tuple[Calla
     """A call of the FMA-chain loop of `sasa-bench peak` (about 2 ms on ``threads`` threads) that records the GFLOP/s
     it reached: timed in the same rounds as the op, the median of its rates is the peak that held while the op
     ran (the VM's speed drifts by more than the targets' margins between passes)."""
-    extension, rates = cpu_extension(), []
+    extension, rates = active_cpu_extension(), []
 
     def call():
         rates.append(extension.fma_peak(False, threads, iterations))
@@ -106,22 +115,38 @@ def report(name: str, measured: float, target: str, met: bool, unit: str = "") -
     print(f"{name:<60} {measured:>8.3f}{unit:<3} {target:<10} {'met' if met else 'MISSED'}", flush=True)
 
 
+# What limits oneDNN (the conv) and MKL (the matmul backend) to AVX2: read at each library's first call.
+AVX2_LIBRARY_LIMITS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.5, help="timing window per comparison (default 2.5)")
     parser.add_argument("--block", type=float, default=0.05, help="seconds of calls per fn and round (default 0.05, "
                                                                 "as sasa-bench claim)")
+    parser.add_argument("--isa", choices=sorted(ISA_VARIANTS), default="native",
+                        help="the kernel built for this machine (native), or every code path limited to AVX2 (avx2)")
     args = parser.parse_args()
     for flag, value in (("--seconds", args.seconds), ("--block", args.block)):
         if not value > 0:
             parser.error(f"{flag}: expected a positive number of seconds, got {value:g}")
+    if args.isa == "avx2":
+        os.environ.update(AVX2_LIBRARY_LIMITS)
+    with cpu_variant(ISA_VARIANTS[args.isa]):
+        measure_targets(args)
+
+
+def measure_targets(args: argparse.Namespace) -> None:
+    """Every target of the module docstring, one line each, with the build and libraries ``args.isa`` names."""
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     # The first SASA2d a process calls ran 4-20% slower than later instances for as long as it was timed
     # (6 s), fwd; one untimed layer takes that (cause not found; the claim's first case is k = 3, not 19).
     for direction in ("fwd", "fwd+bwd"):
         step(layer(19), torch.randn(1, CHANNELS, 28, 28), direction)()
-    print(f"fp32, {THREADS} threads; interleaved medians over {args.seconds:g} s windows; torch {torch.__version__}")
+    libraries = "; oneDNN and MKL limited to AVX2" if args.isa == "avx2" else ""
+    print(f"{cpu_machine_id()}, {args.isa} build{libraries}; fp32, {THREADS} threads; interleaved medians over "
+          f"{args.seconds:g} s windows; torch {torch.__version__}")
     print(f"{'target':<60} {'measured':>11} {'target':<10} result")
 
     for res in (28, 32):

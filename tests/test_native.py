@@ -241,12 +241,38 @@ def test_logits_rising_down_the_window_are_rescaled():
 def test_avx2_build_matches_reference():
     """The AVX2 code path (8 fp32 / 4 fp64 lanes, AVX2's masked stores, the exp by exponent bits), built with
     -march=haswell: what an AVX2-only CPU runs, checked here whatever wider ISA this CPU has."""
-    with native.cpu_variant("avx2"):
+    with _native_build.cpu_variant("avx2"):
         for batch, heads, height, width, head_dim, kernel_size, with_rel, scale, band in CASES[:3]:
             inputs = random_inputs(batch, heads, height, width, head_dim, kernel_size, with_rel, requires_grad=True)
             assert_matches_reference(inputs, kernel_size, scale, band=band)
         assert_close_to_float64(random_inputs(2, 2, 9, 21, 16, 19, True, dtype=torch.float32, requires_grad=True), 19, 0.5)
-        assert native.CPU_VARIANT == "avx2"
+        assert _native_build.active_cpu_variant() == "avx2"
+
+
+@pytest.mark.skipif("avx2" not in _native_build.cpu_flags().split(), reason="the CPU has no AVX2")
+def test_cpu_variant_switches_the_op_and_the_projection_product(monkeypatch):
+    """Within cpu_variant, SASA2d's native op and its native projection product (forward and both gradients) call
+    the variant's build and nothing else; after it (also after an error) the normal build again."""
+    built = _native_build.cpu_extension
+    called = []
+    monkeypatch.setattr(_native_build, "cpu_extension", lambda variant="", *rest: called.append(variant) or built(variant, *rest))
+    layer = sasa_impls.SASA2d(8, 8, 5, heads=2, impl="native")
+    x = torch.randn(1, 8, 6, 7, requires_grad=True)
+    key = (tuple(x.shape), 24, x.dtype, x.device, True, True, "avx2")
+    monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, "native")
+    with _native_build.cpu_variant("avx2"):
+        called.clear()
+        layer(x).square().sum().backward()
+        assert called and set(called) == {"avx2"}
+        with pytest.raises(RuntimeError, match="inside"):
+            with _native_build.cpu_variant(""):
+                assert _native_build.active_cpu_variant() == ""
+                raise RuntimeError("inside")
+        assert _native_build.active_cpu_variant() == "avx2"
+    assert _native_build.active_cpu_variant() == ""
+    called.clear()
+    native_attention(*random_inputs(1, 2, 5, 5, 4, 3, True), 3)
+    assert called == [""]
 
 
 def error_of(impl, *args, **kwargs) -> tuple[type, str]:

@@ -5,7 +5,7 @@ Variants of the case's bare op (same shape, direction, options; un-profiled), ti
 (bench.interleave.time_rounds), each variant's median over the rounds:
 - ``relative``: the op with relative logits minus the op content-only;
 - ``softmax``: the op minus the op built without the softmax's exp (the native CPU kernel's no-exp
-  profiling build, sasa_impls.impls.native.cpu_variant): the exp only, the running max and
+  profiling build, sasa_impls.impls._native_build.cpu_variant): the exp only, the running max and
   rescaling stay in the other stages; where no such build exists the softmax is not separated;
 - ``other``: the op at k = 1 (the fixed cost of a call: launch, allocation, loading q and storing y);
 - ``logits`` and ``aggregate``: what remains (the core), split equally: q . k and a . v have the same MACs
@@ -70,7 +70,7 @@ def _in_no_exp_build(case: Case, fn: Callable[[], object]) -> Callable[[], objec
     """``fn`` run with the native CPU kernel's no-exp profiling build; NotImplementedError where there is none."""
     if case.impl != "native" or not case.device.startswith("cpu"):
         raise NotImplementedError(f"no no-exp build of {case.impl} on {case.device}")
-    from sasa_impls.impls.native import cpu_variant
+    from sasa_impls.impls._native_build import cpu_variant
 
     def no_exp() -> object:
         with cpu_variant("no_exp"):

@@ -272,6 +272,34 @@ def cpu_extension(variant: str = "", csrc: Path = CSRC):
     return _build("cpu", "sasa_native_cpu" + (f"_{variant}" if variant else ""), CPU_SOURCES, csrc, **options)
 
 
+# The CPU_VARIANTS build the op and SASA2d's projection product run (cpu_variant): "" the normal one.
+_ACTIVE_CPU_VARIANT = ""
+
+
+def active_cpu_variant() -> str:
+    """The CPU_VARIANTS build that the native op and the projection's product run now."""
+    return _ACTIVE_CPU_VARIANT
+
+
+def active_cpu_extension():
+    """The CPU extension of :func:`active_cpu_variant` (built on first use)."""
+    return cpu_extension(_ACTIVE_CPU_VARIANT)
+
+
+@contextlib.contextmanager
+def cpu_variant(variant: str) -> Iterator[None]:
+    """Within: the native CPU op and SASA2d's native projection product run the build ``variant`` of CPU_VARIANTS
+    ("no_exp": wrong results by design, for timing ablations only; "avx2": the AVX2 code path, as an AVX2-only CPU
+    would run it); the normal build is untouched and used again after."""
+    global _ACTIVE_CPU_VARIANT
+    cpu_extension(variant)  # build (or fail) before switching
+    previous, _ACTIVE_CPU_VARIANT = _ACTIVE_CPU_VARIANT, variant
+    try:
+        yield
+    finally:
+        _ACTIVE_CPU_VARIANT = previous
+
+
 @functools.cache
 def cuda_extension():
     """The compiled CUDA extension (``forward``, ``backward``), built on first use for this machine's GPUs."""
