@@ -39,7 +39,7 @@ from bench import measure
 from bench.env import cpu_machine_id
 from bench.interleave import InterleaveSettings, time_rounds
 from sasa_impls.functional import local_attention
-from sasa_impls.impls._native_build import ISA_VARIANTS, active_cpu_extension, cpu_variant
+from sasa_impls.impls._native_build import ISA_VARIANTS, active_cpu_extension, cpu_extension, cpu_variant
 
 CHANNELS, HEADS, THREADS = 128, 8, 2
 
@@ -132,6 +132,10 @@ def main() -> None:
             parser.error(f"{flag}: expected a positive number of seconds, got {value:g}")
     if args.isa == "avx2":
         os.environ.update(AVX2_LIBRARY_LIMITS)
+    try:
+        cpu_extension(ISA_VARIANTS[args.isa])  # built once per machine, or why not
+    except RuntimeError as error:
+        raise SystemExit(f"native_targets: {error}") from None
     with cpu_variant(ISA_VARIANTS[args.isa]):
         measure_targets(args)
 
