@@ -35,17 +35,22 @@ def _project_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(weight, x.reshape(batch, channels, height * width)).view(batch, -1, height, width)
 
 
-class _NativeProduct(torch.autograd.Function):
+def _native_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """W X per image with the native extension's matmul (csrc/cpu/gemm.h; the build the op runs,
-    _native_build.cpu_variant), and its gradients with the same kernel: dX = W^T dY per image, dW = sum over images
+    _native_build.cpu_variant): (B, d_in, H, W) -> (B, sum d_out, H, W)."""
+    batch, _, height, width = x.shape
+    out = active_cpu_extension().matmul(weight[None], x.flatten(2), False)  # (B, sum d_out, H W)
+    return out.view(batch, -1, height, width)
+
+
+class _NativeProduct(torch.autograd.Function):
+    """:func:`_native_product` and its gradients with the same kernel: dX = W^T dY per image, dW = sum over images
     of dY X^T."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        batch, _, height, width = x.shape
-        out = active_cpu_extension().matmul(weight[None], x.flatten(2), False)  # (B, sum d_out, H W)
-        return out.view(batch, -1, height, width)
+        return _native_product(x, weight)
 
     @staticmethod
     @once_differentiable
@@ -58,7 +63,9 @@ class _NativeProduct(torch.autograd.Function):
 
 
 def _project_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _NativeProduct.apply(x, weight)
+    """_NativeProduct where autograd records, else the product alone: Function.apply would save the operands for a
+    backward that will not run (10 us of a 0.5 ms product at 32 x 32 in inference)."""
+    return _NativeProduct.apply(x, weight) if records_autograd(x, weight) else _native_product(x, weight)
 
 
 # backend(x, weight): weight (sum d_out, d_in)

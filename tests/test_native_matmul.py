@@ -98,3 +98,23 @@ def test_native_projection_backend_gives_the_convs_gradients_in_float64():
     want = torch.autograd.grad((separate * seed).sum(), [x, *(c.weight for c in convs)])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_native_projection_backend_records_autograd_only_in_training(monkeypatch):
+    """The native backend goes through its autograd Function only where autograd records: in inference the product
+    runs alone (nothing saved for a backward that will not run), with the same result."""
+    applied = []
+    original = sasa_impls.projection._NativeProduct.apply
+    monkeypatch.setattr(sasa_impls.projection._NativeProduct, "apply", lambda *args: applied.append(1) or original(*args))
+    layer = sasa_impls.SASA2d(6, 8, 3, heads=2)
+    convs = (layer.query, layer.key, layer.value)
+    x = torch.randn(2, 6, 5, 7)
+    weight = sasa_impls.projection.stacked_weight(convs)
+    project = sasa_impls.projection.PROJECTION_BACKENDS["native"]
+    with torch.no_grad():
+        inference = project(x, weight)
+        want = torch.cat([conv(x) for conv in convs], 1)
+    assert applied == []
+    torch.testing.assert_close(inference, want, rtol=1e-5, atol=1e-5)
+    training = project(x, sasa_impls.projection.stacked_weight(convs))
+    assert applied == [1] and training.requires_grad and torch.equal(training.detach(), inference)
