@@ -19,24 +19,24 @@ with the projections on the extension's own matmul), 1.4x and 1.54x on an AMD Ze
 VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the physical FMA peak forward and 28-41%
 fwd+bwd on the Zen 5, 52-65% and 41-53% on the Zen 4, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`): issue
 20's 1.5x is met forward (on the Zen 4 in 19 or 20 of the 20 cases of five runs since the forward fills 28 x 28's
-padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 and at 28 x 28 in 7 of 20 runs over two
-sessions (1.37-1.67x), where the backward still pays an eighth of its lanes as padding (4 interleaved heads spill its
-buffers out of L2); the projection's three products run at 86-92% of the FMA loop (csrc/cpu/gemm.h). What bounds it: the
-contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate (the per-block set-up and drain
-against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though aggregating 4 key rows at once
-gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per accumulator where a group's query and key
-rows all meet, 0.95-0.98 of its time, and blocks of up to 20 accumulators take the logits' 19 offsets in 4 blocks
-instead of 5, 0.96-0.98 backward, 0.98-0.99 forward), the backward, 2.5x the forward's FMAs, takes 2.5-3.2x its time,
-and the layer's autograd and Python around its kernels cost 9-18% of its fwd+bwd at batch 1 (one autograd node for the
-whole layer, tried in Python and in C++, did not measurably shorten it), its kernels running 5-19% slower in the layer's
-sequence than each alone (scripts/native_ab.py's chain cases; since the threads read what their own core wrote, the
-chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at 1, in most passes of the Zen 4's VM). The
-AVX2 build (the "avx2" variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2
-machine; on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes 1.25-1.39x the AVX-512 build's time forward
-and 1.19-1.47x backward (28 x 28 and 32 x 32, batch 1), and with every code path limited to AVX2 (`native_targets.py
---isa avx2`: the conv's too) the layer's fwd+bwd is within 1.5x at 28 x 28 batch 8 in 3 of 4 runs, 1.49-1.64x at batch 1
-and 1.56-1.61x at 32 x 32 batch 1, the bare op at 39-44% of the AVX2 FMA loop forward and 29-35% fwd+bwd; it has not
-been timed on an AVX2-only CPU.
+padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 (19 of 20 cases of ten runs) and at 28 x 28 in
+13 of 30 cases over two sessions (1.37-1.67x; 6 of 10 in the VM's fast pass), where the backward still pays an eighth of
+its lanes as padding (4 interleaved heads spill its buffers out of L2); the projection's three products run at 86-92% of
+the FMA loop (csrc/cpu/gemm.h). What bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of the
+FMA-only rate (the per-block set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the
+Zen 4, though aggregating 4 key rows at once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per
+accumulator where a group's query and key rows all meet, 0.95-0.98 of its time, and blocks of up to 20 accumulators take
+the logits' 19 offsets in 4 blocks instead of 5, 0.96-0.98 backward, 0.98-0.99 forward), the backward, 2.5x the
+forward's FMAs, takes 2.5-3.2x its time, and the layer's autograd and Python around its kernels cost 9-18% of its
+fwd+bwd at batch 1 (one autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it),
+its kernels running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the
+threads read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at
+1, in most passes of the Zen 4's VM). The AVX2 build (the "avx2" variant, -march=haswell, 3-row groups) passes the
+reference checks in the tests on any AVX2 machine; on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes
+1.25-1.39x the AVX-512 build's time forward and 1.19-1.47x backward (28 x 28 and 32 x 32, batch 1), and with every code
+path limited to AVX2 (`native_targets.py --isa avx2`: the conv's too) the layer's fwd+bwd is within 1.5x at 28 x 28
+batch 8 in 3 of 4 runs, 1.49-1.64x at batch 1 and 1.56-1.61x at 32 x 32 batch 1, the bare op at 39-44% of the AVX2 FMA
+loop forward and 29-35% fwd+bwd; it has not been timed on an AVX2-only CPU.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
