@@ -141,16 +141,22 @@ def projection_candidates(x: torch.Tensor) -> list[str]:
     return names
 
 
+def backend_key(x: torch.Tensor, out_channels: int, training: bool) -> tuple:
+    """What the fastest backend for ``x`` times a weight of ``out_channels`` rows depends on, _CHOSEN_BACKEND's key:
+    the input's shape, the output channels, dtype, device, memory format, training, the native build running
+    (_native_build.cpu_variant)."""
+    return (tuple(x.shape), out_channels, x.dtype, x.device, x.is_contiguous(), training, active_cpu_variant())
+
+
 def projection_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     """The fastest of :func:`projection_candidates` for ``x`` times ``weight`` here (ties broken by
-    :func:`fastest_preferred`), measured at first use per (input shape, output channels, dtype, device, memory
-    format, training, the native build running: _native_build.cpu_variant) and cached. In training (autograd
+    :func:`fastest_preferred`), measured at first use per :func:`backend_key` and cached. In training (autograd
     recording) the forward and backward are timed together: at batch 8 the 1x1 conv had the faster forward
     and the matmul the faster step. Shape-only runs (meta tensors) and traces take "conv" without timing."""
     if x.device.type == "meta" or torch.jit.is_tracing():
         return "conv"
     training = records_autograd(x, weight)
-    key = (tuple(x.shape), weight.shape[0], x.dtype, x.device, x.is_contiguous(), training, active_cpu_variant())
+    key = backend_key(x, weight.shape[0], training)
     if key not in _CHOSEN_BACKEND:
         calls = {name: _timed_call(PROJECTION_BACKENDS[name], x, weight, training) for name in projection_candidates(x)}
         _CHOSEN_BACKEND[key] = fastest_preferred(_time_backends(calls, x.device))

@@ -258,9 +258,10 @@ def test_cpu_variant_switches_the_op_and_the_projection_product(monkeypatch):
     monkeypatch.setattr(_native_build, "cpu_extension", lambda variant="", *rest: called.append(variant) or built(variant, *rest))
     layer = sasa_impls.SASA2d(8, 8, 5, heads=2, impl="native")
     x = torch.randn(1, 8, 6, 7, requires_grad=True)
-    key = (tuple(x.shape), 24, x.dtype, x.device, True, True, "avx2")
-    monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, "native")
     with _native_build.cpu_variant("avx2"):
+        key = sasa_impls.projection.backend_key(x, 24, training=True)
+        assert key[-1] == "avx2"
+        monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, "native")
         called.clear()
         layer(x).square().sum().backward()
         assert called and set(called) == {"avx2"}
