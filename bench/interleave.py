@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import store
+from . import measure, store
 from .schema import Case, Status
 
 
@@ -70,8 +70,10 @@ class InterleaveSettings:
 def time_rounds(fns: Sequence[Callable[[], object]], settings: InterleaveSettings,
                 sync: Callable[[], None] = lambda: None) -> list[list[float]]:
     """Per-call seconds of each of ``fns`` in each round (``result[i][r]``): warm-up calls size each
-    function's block (at least one call), then every round calls each block in a freshly shuffled order.
-    ``sync`` waits for queued work (CUDA) before a clock is read."""
+    function's block (at least one call), then every round calls each block in a freshly shuffled order, the
+    heap kept as bench.measure times (measure.keep_freed_memory). ``sync`` waits for queued work (CUDA) before a
+    clock is read."""
+    measure.keep_freed_memory()
     calls = []
     for fn in fns:
         start = time.perf_counter()

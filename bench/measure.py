@@ -6,6 +6,9 @@ budget runs out, so noisy cases get more repetitions; median, IQR and whether it
 Latency, CUDA: ``triton.testing.do_bench`` (L2 flushed before every call, CUDA events, quantiles) where
 triton is installed, else the same loop with CUDA events and an L2 flush of our own.
 
+Heap, CPU: timed calls run with glibc's heap kept (:func:`keep_freed_memory`), so memory a call frees serves
+the next call, as a caching allocator would, instead of being given back to the system and faulted in again.
+
 Peak memory: on CUDA the caching allocator's peak of allocated bytes above what existed before the
 call (inputs, weights); on CPUs the growth of the process's peak resident set (RSS) during the call,
 which includes everything the call touches (not only torch tensors), so measure in a process of its
@@ -28,7 +31,9 @@ import torch.utils.benchmark as torch_benchmark
 
 from . import contention
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+# glibc's mallopt parameters, and the defaults of the two that keep_freed_memory changes
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,34 @@ def _median_iqr(times_ms: list[float]) -> tuple[float, float]:
     return statistics.median(times_ms), q3 - q1
 
 
+def _mallopt(settings: dict[int, int]) -> bool:
+    """Set glibc's malloc parameters (mallopt); False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(param, value) == 1 for param, value in settings.items())
+    except (OSError, AttributeError):
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve every block from the heap (no mmap) and never give the heap's top back to the system, so the
+    memory one call frees is what the next call gets, already mapped (True where set).
+
+    Why timing needs it: glibc gives freed memory back (mmap'd blocks at once, the heap's top once it exceeds a
+    threshold that moves with the sizes freed so far) and the next call faults every page in again, about 2 us
+    per 4 KiB page (AMD Zen 4 f25m17 VM). How often depends on what the process ran before: the same SASA2d
+    k = 19 fwd+bwd step (28 x 28, batch 1) took 48 to 131 page faults per call in different processes and 1-3
+    with the heap kept, and ran 4-8% faster kept (processes run alternately); the conv beside it took 0 to 38.
+    A caching allocator (CUDA's; jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends) keeps
+    the memory the same way."""
+    return _mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
+
+
 def time_cpu(fn: Callable[[], object], settings: TimerSettings) -> Timing:
-    """Warm-up calls (timed, to size the budget), then ``adaptive_autorange`` until confident; the load
-    other processes put on the machine meanwhile is read around the timed calls (bench.contention)."""
+    """Warm-up calls (timed, to size the budget), then ``adaptive_autorange`` until confident, the heap kept
+    (:func:`keep_freed_memory`); the load other processes put on the machine meanwhile is read around the timed
+    calls (bench.contention)."""
+    keep_freed_memory()
     start = time.perf_counter()
     for _ in range(settings.warmup):
         fn()
@@ -163,13 +193,10 @@ def _reset_peak_rss() -> bool:
 def _return_freed_memory() -> None:
     """glibc: give freed heap memory back to the system and serve large blocks (>= 128 KiB) by mmap
     from now on, so memory a call frees leaves the resident set and the next call's peak is its own
-    (glibc otherwise raises its mmap threshold after a free and keeps such blocks resident)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    (glibc otherwise raises its mmap threshold after a free and keeps such blocks resident; undoes
+    :func:`keep_freed_memory`)."""
+    if _mallopt({M_MMAP_MAX: DEFAULT_MMAP_MAX, M_MMAP_THRESHOLD: 128 * 1024, M_TRIM_THRESHOLD: DEFAULT_TRIM_THRESHOLD}):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _in_fresh_thread(fn: Callable[[], object]) -> None:

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import random
 import re
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -22,7 +24,7 @@ from bench.schema import FIELDS, Case
 
 import sasa_impls
 
-from helpers import FAST, planted
+from helpers import FAST, REPO, planted
 
 
 # Test-only implementations, registered in the test process and in every worker through SASA_BENCH_PLUGINS.
@@ -202,6 +204,45 @@ def test_peak_memory_sees_a_temporary_allocation():
     size = 48 * 2**20
     assert measure.peak_memory_bytes(lambda: torch.ones(size // 4), "cpu") >= 0.95 * size
     assert measure.peak_memory_bytes(lambda: torch.ones(16), "cpu") < 2**20
+
+
+# In a fresh process, after each measuring function: the fewest page faults of a 16 MiB allocation (freed at once)
+# made 5 times, the first not counted (it may grow the heap; glibc sometimes places the next one beyond it too).
+HEAP_PROBE = textwrap.dedent("""
+    import json, resource, torch
+    from bench import interleave, measure
+
+    def faults_of_a_repeated_allocation():
+        faults = []
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(2**22).normal_()
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return min(faults[1:])
+
+    settings = measure.TimerSettings(warmup=1, reps=1, min_time_s=0.01, max_time_s=0.05)
+    found = {}
+    measure.peak_memory_bytes(lambda: torch.ones(16), "cpu")
+    found["peak memory"] = faults_of_a_repeated_allocation()
+    measure.time_call(lambda: None, "cpu", settings)
+    found["timed"] = faults_of_a_repeated_allocation()
+    measure.peak_memory_bytes(lambda: torch.ones(16), "cpu")
+    found["peak memory again"] = faults_of_a_repeated_allocation()
+    interleave.time_rounds([lambda: None], interleave.InterleaveSettings(rounds=3, block_s=0.001, workers=1))
+    found["interleaved"] = faults_of_a_repeated_allocation()
+    print(json.dumps(found))
+""")
+
+
+def test_timing_keeps_freed_memory_and_memory_measurement_returns_it():
+    """Timed calls reuse the memory earlier calls freed (no page faults), where the peak-memory measurement gives
+    freed memory back (a 16 MiB block faults in again, 4096 pages); each timer runs after a memory measurement,
+    so each must set the heap itself."""
+    found = json.loads(subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True,
+                                      check=True, cwd=REPO).stdout)
+    pages = 2**24 // 4096
+    assert found["timed"] < 0.05 * pages and found["interleaved"] < 0.05 * pages, found
+    assert found["peak memory"] > 0.9 * pages and found["peak memory again"] > 0.9 * pages, found
 
 
 def test_fvcore_counts_conv_exactly_and_lists_what_it_skips():
