@@ -6,7 +6,11 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from .common import records_autograd
 from .functional import check_kernel_size, local_attention_checked_once, rel_shapes
+from .heads import merge_heads, split_heads
+from .impls._native_build import active_cpu_variant
+from .native_layer import native_layer, native_layer_band
 from .projection import fused_projection
 from .regions import stage
 from .registry import get_impl
@@ -25,18 +29,6 @@ def _check_rank4(x: torch.Tensor) -> None:
         raise ValueError(f"x: expected rank 4 (B, C, H, W), got shape {tuple(x.shape)}")
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, heads, H, W, C / heads)."""
-    batch, channels, height, width = x.shape
-    return x.reshape(batch, heads, channels // heads, height, width).permute(0, 1, 3, 4, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, heads, H, W, D) -> (B, heads * D, H, W)."""
-    batch, heads, height, width, head_dim = x.shape
-    return x.permute(0, 1, 4, 2, 3).reshape(batch, heads * head_dim, height, width)
-
-
 class RelativeEmbeddings(nn.Module):
     """Per-head row and column embeddings: (heads, k, D // 2) and (heads, k, D - D // 2); k d_out weights."""
 
@@ -52,8 +44,10 @@ class SASA2d(nn.Module):
 
     1x1 Q, K, V projections (no bias; three nn.Conv2d modules, so checkpoints keep ``query.weight`` etc.,
     computed together as one product by :func:`fused_projection`), per-head relative embeddings, the op,
-    and a 2 x 2 average pool when ``stride == 2``. Parameters: 3 d_in d_out + k d_out, whatever k. ``relative=False`` drops the
-    embeddings (content-only attention: the paper's ablation, and what peers such as NATTEN compute).
+    and a 2 x 2 average pool when ``stride == 2``. With the native op and the native product on the CPU, the
+    projections and the op run as one autograd node (sasa_impls/native_layer.py: the same bits, less glue).
+    Parameters: 3 d_in d_out + k d_out, whatever k. ``relative=False`` drops the embeddings (content-only
+    attention: the paper's ablation, and what peers such as NATTEN compute).
     ``impl`` names the implementation (checked here, so a typo fails at construction), ``options`` its
     own options (``Impl.options``).
     """
@@ -75,22 +69,44 @@ class SASA2d(nn.Module):
         self.value = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.rel = RelativeEmbeddings(heads, kernel_size, out_channels // heads) if relative else None
         self.pool = nn.AvgPool2d(2) if stride == 2 else nn.Identity()
+        self._native_bands: dict[tuple, Optional[int]] = {}  # _native_band's decisions
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The op on (B, C, H, W) projections; returns (B, C, H, W)."""
-        rel_row, rel_col = (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
+        rel_row, rel_col = self._relative()
         with stage("layout"):
-            q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+            q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         out = local_attention_checked_once(q, k, v, rel_row, rel_col, self.kernel_size, impl=self.impl, scale=self.scale,
                                            options=self.options)
         with stage("layout"):
-            return _merge_heads(out)
+            return merge_heads(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank4(x)
+        convs, (rel_row, rel_col) = (self.query, self.key, self.value), self._relative()
+        band = self._native_band(x, convs, rel_row, rel_col)
+        if band is not None:  # the projections and the op as one node on the native kernels
+            return self.pool(native_layer(x, convs, rel_row, rel_col, self.heads, self.kernel_size, float(self.scale),
+                                          band))
         with stage("projections"):
-            q, k, v = fused_projection(x, (self.query, self.key, self.value))
+            q, k, v = fused_projection(x, convs)
         return self.pool(self.attend(q, k, v))
+
+    def _relative(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
+
+    def _native_band(self, x: torch.Tensor, convs: tuple[nn.Conv2d, ...], rel_row: Optional[torch.Tensor],
+                     rel_col: Optional[torch.Tensor]) -> Optional[int]:
+        """native_layer_band for this call, decided once per kind of call (the input's shape, dtype, device and
+        memory format, whether autograd records, the native build, the layer's impl, options, k and scale) and kept
+        with the layer."""
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(),
+               records_autograd(x, *(conv.weight for conv in convs), rel_row, rel_col), active_cpu_variant(),
+               self.impl, repr(self.options), self.kernel_size, self.scale)
+        if key not in self._native_bands:
+            self._native_bands[key] = native_layer_band(x, convs, rel_row, rel_col, self.heads, self.kernel_size,
+                                                        self.impl, self.options)
+        return self._native_bands[key]
 
 
 def _to_blocks(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from bench.env import cpu_machine_id
 from bench.interleave import InterleaveSettings, ratio_interval, time_rounds
 from sasa_impls.impls import _native_build
-from sasa_impls.layers import _merge_heads, _split_heads
+from sasa_impls.heads import merge_heads, split_heads
 from sasa_impls.projection import concatenated_channels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def inputs(case: Case) -> tuple:
     gradient of the output for the backward (both versions get the same)."""
     channels = HEADS * HEAD_DIM
     product = torch.randn(case.batch, 3 * channels, case.resolution, case.resolution)
-    qkv = [_split_heads(t, HEADS) for t in product.split(channels, dim=1)]  # each (B, heads, H, W, D), channel-major
+    qkv = [split_heads(t, HEADS) for t in product.split(channels, dim=1)]  # each (B, heads, H, W, D), channel-major
     rel = (torch.randn(HEADS, case.kernel_size, HEAD_DIM // 2), torch.randn(HEADS, case.kernel_size, HEAD_DIM - HEAD_DIM // 2))
     return (*qkv, *rel, torch.randn_like(qkv[0]))
 
@@ -129,12 +129,12 @@ def chain_call(extension, case: Case, args: tuple) -> Callable[[], tuple]:
 
     def call() -> tuple:
         product = project(weight[None], x)  # (B, 3C, H W)
-        q, key, v = (_split_heads(t.unflatten(2, image), HEADS) for t in product.split(channels, dim=1))
+        q, key, v = (split_heads(t.unflatten(2, image), HEADS) for t in product.split(channels, dim=1))
         out, lse = extension.forward(q, key, v, rel_row, rel_col, k, 1.0, False, 0)
         if case.direction == "chain":
             return out, lse
         dq, dk, dv, *rel_grads = extension.backward(grad, q, key, v, rel_row, rel_col, out, lse, k, 1.0, False, 0)
-        merged = [_merge_heads(t).flatten(2) for t in (dq, dk, dv)]  # each (B, C, H W)
+        merged = [merge_heads(t).flatten(2) for t in (dq, dk, dv)]  # each (B, C, H W)
         grad_product = concatenated_channels(merged, product.shape, product.stride(), (channels,) * 3)
         return (out, *rel_grads, extension.matmul(weight.t()[None], grad_product, False),
                 extension.matmul(grad_product, x.transpose(1, 2), True))

@@ -3,6 +3,7 @@
 // dtype dispatch (fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64) and the parallel loops over
 // (batch, head, band) tasks on ATen's threads (parallel_for).
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -192,19 +193,24 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, lse};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const std::optional<at::Tensor>& rel_row,
-                                 const std::optional<at::Tensor>& rel_col, const at::Tensor& out,
-                                 const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
+// The backward into dq, dk, dv (q's shape and dtype, any strides; every element written); returns them and, with
+// relative logits, the relative gradients.
+std::vector<at::Tensor> backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const std::optional<at::Tensor>& rel_row,
+                                      const std::optional<at::Tensor>& rel_col, const at::Tensor& out,
+                                      const at::Tensor& lse, int64_t kernel_size, double scale, bool poison,
+                                      int64_t band, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
   Shape shape = check_and_describe(q, k, v, rel_row, rel_col, kernel_size);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out, out: expected q's shape");
+  for (const at::Tensor* t : {&dq, &dk, &dv}) {
+    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "dq, dk, dv: expected CPU tensors of q's shape and dtype");
+  }
   const at::Tensor rows = shape.has_rel ? rel_row->contiguous() : at::Tensor();
   const at::Tensor cols = shape.has_rel ? rel_col->contiguous() : at::Tensor();
   const at::Tensor grad = grad_out.to(q.scalar_type());
   const at::Tensor stats = lse.contiguous();
-  const std::vector<at::Tensor> grads = gradients_like(q, k, v);
-  at::Tensor dq = maybe_poisoned(grads[0], poison), dk = maybe_poisoned(grads[1], poison),
-             dv = maybe_poisoned(grads[2], poison);
+  for (at::Tensor* t : {&dq, &dk, &dv}) maybe_poisoned(*t, poison);
   at::Tensor drow = shape.has_rel ? maybe_poisoned(at::empty_like(rows), poison) : at::Tensor();
   at::Tensor dcol = shape.has_rel ? maybe_poisoned(at::empty_like(cols), poison) : at::Tensor();
 
@@ -270,6 +276,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   return {dq, dk, dv};
 }
 
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const std::optional<at::Tensor>& rel_row,
+                                 const std::optional<at::Tensor>& rel_col, const at::Tensor& out,
+                                 const at::Tensor& lse, int64_t kernel_size, double scale, bool poison, int64_t band) {
+  const std::vector<at::Tensor> grads = gradients_like(q, k, v);
+  return backward_into(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, scale, poison, band, grads[0],
+                       grads[1], grads[2]);
+}
+
 // C_b = A_b B_b for every b ((B, M, N)), or with ``reduce`` C = sum_b A_b B_b ((M, N), the sum in b order):
 // a (1 or B, M, K), b (B, K, N), fp32 or fp64, any strides. Tasks: (image, panel of columns), or with ``reduce``
 // (panel, chunk of rows) each summing over every image. A task computes every row of its panel, so each panel's slab
@@ -321,6 +336,104 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce) {
   return c;
 }
 
+
+// SASA2d's step on these kernels as one autograd node (sasa_impls/native_layer.py says why and when): the
+// projection's product of the stacked weight, the op on its q, k, v channel slices, and in the backward the op's
+// backward written straight into the product's gradient (its q, k, v slices), then the product's two gradients.
+// The same kernels on the same operands as the general path's three autograd Functions: the same bits.
+
+at::Tensor split_heads(const at::Tensor& t, int64_t heads) {  // (B, C, H, W) -> (B, heads, H, W, C / heads)
+  return t.reshape({t.size(0), heads, t.size(1) / heads, t.size(2), t.size(3)}).permute({0, 1, 3, 4, 2});
+}
+
+at::Tensor merge_heads(const at::Tensor& t) {  // (B, heads, H, W, D) -> (B, heads D, H, W)
+  return t.permute({0, 1, 4, 2, 3}).reshape({t.size(0), t.size(1) * t.size(4), t.size(2), t.size(3)});
+}
+
+// The q, k, v heads of a (B, 3 d_out, H, W) product (or of its gradient).
+std::vector<at::Tensor> qkv_heads(const at::Tensor& product, int64_t heads) {
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& part : product.split(product.size(1) / 3, 1)) parts.push_back(split_heads(part, heads));
+  return parts;
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+struct LayerStep : public torch::autograd::Function<LayerStep> {
+  // x (B, d_in, H, W); wq, wk, wv the 1x1 convs' (d_out, d_in, 1, 1) weights; stacked: their stack (3 d_out, d_in)
+  // where the caller keeps one (inference), else made here. Returns (B, d_out, H, W).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& wq,
+                            const at::Tensor& wk, const at::Tensor& wv, const std::optional<at::Tensor>& rel_row,
+                            const std::optional<at::Tensor>& rel_col, const std::optional<at::Tensor>& stacked,
+                            int64_t heads, int64_t kernel_size, double scale, bool poison, int64_t band) {
+    TORCH_CHECK(x.dim() == 4, "x: expected (B, C, H, W)");
+    const at::Tensor weight = stacked.has_value() ? *stacked : at::cat({wq.flatten(1), wk.flatten(1), wv.flatten(1)});
+    at::Tensor product;
+    {
+      RECORD_FUNCTION("sasa::projections", std::vector<c10::IValue>());
+      product = matmul(weight.unsqueeze(0), x.flatten(2), false).view({x.size(0), -1, x.size(2), x.size(3)});
+    }
+    const std::vector<at::Tensor> qkv = qkv_heads(product, heads);
+    std::vector<at::Tensor> out_lse;
+    {
+      RECORD_FUNCTION("FusedSASA", std::vector<c10::IValue>());
+      out_lse = ::forward(qkv[0], qkv[1], qkv[2], rel_row, rel_col, kernel_size, scale, poison, band);
+    }
+    ctx->save_for_backward({x, weight, product, out_lse[0], out_lse[1], rel_row.value_or(at::Tensor()),
+                            rel_col.value_or(at::Tensor())});
+    ctx->saved_data["settings"] = std::vector<int64_t>{heads, kernel_size, poison, band};
+    ctx->saved_data["scale"] = scale;
+    return merge_heads(out_lse[0]);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &product = saved[2];
+    const std::vector<int64_t> settings = ctx->saved_data["settings"].toIntVector();
+    const int64_t heads = settings[0], kernel_size = settings[1], band = settings[3];
+    const bool poison = settings[2] != 0;
+    const std::vector<at::Tensor> qkv = qkv_heads(product, heads);
+    const at::Tensor grad_product = at::empty_like(product);  // the op's backward writes its q, k, v slices
+    const std::vector<at::Tensor> slots = qkv_heads(grad_product, heads);
+    std::vector<at::Tensor> op_grads;
+    {
+      RECORD_FUNCTION("FusedSASABackward", std::vector<c10::IValue>());
+      op_grads = backward_into(split_heads(grads[0], heads), qkv[0], qkv[1], qkv[2], defined_or_none(saved[5]),
+                               defined_or_none(saved[6]), saved[3], saved[4], kernel_size,
+                               ctx->saved_data["scale"].toDouble(), poison, band, slots[0], slots[1], slots[2]);
+    }
+    // edges: x 0, wq 1, wk 2, wv 3 (then the relative embeddings and the stack, where given)
+    at::Tensor dx, dw;
+    {
+      RECORD_FUNCTION("sasa::projections", std::vector<c10::IValue>());
+      const at::Tensor dy = grad_product.flatten(2);  // (B, 3 d_out, H W)
+      if (ctx->needs_input_grad(0)) dx = matmul(weight.t().unsqueeze(0), dy, false).view(x.sizes());
+      if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
+        dw = matmul(dy, x.flatten(2).transpose(1, 2), true);  // (3 d_out, d_in)
+      }
+    }
+    torch::autograd::variable_list result{dx};
+    for (int64_t part = 0; part < 3; ++part) {
+      result.push_back(dw.defined() ? dw.chunk(3)[part].view({dw.size(0) / 3, dw.size(1), 1, 1}) : at::Tensor());
+    }
+    const bool relative = op_grads.size() == 5;
+    result.push_back(relative ? op_grads[3] : at::Tensor());
+    result.push_back(relative ? op_grads[4] : at::Tensor());
+    result.resize(result.size() + 6);  // the stack (never differentiated through here) and the settings
+    return result;
+  }
+};
+
+at::Tensor layer_step(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+                      const std::optional<at::Tensor>& rel_row, const std::optional<at::Tensor>& rel_col,
+                      const std::optional<at::Tensor>& stacked, int64_t heads, int64_t kernel_size, double scale,
+                      bool poison, int64_t band) {
+  return LayerStep::apply(x, wq, wk, wv, rel_row, rel_col, stacked, heads, kernel_size, scale, poison, band);
+}
+
 }  // namespace
 
 // GFLOP/s of fma_chains on ``threads`` of ATen's threads at once (each ``iterations`` rounds), in fp64
@@ -351,6 +464,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dq, dk, dv[, drel_row, drel_col] = backward(grad_out, q, k, v, rel_row, rel_col, out, lse, kernel_size, "
         "scale, poison, band)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("layer_step", &layer_step,
+        "out = layer_step(x, wq, wk, wv, rel_row, rel_col, stacked, heads, kernel_size, scale, poison, band): SASA2d's "
+        "projections and op as one autograd node", py::arg("x"), py::arg("wq"), py::arg("wk"), py::arg("wv"),
+        py::arg("rel_row"), py::arg("rel_col"), py::arg("stacked"), py::arg("heads"), py::arg("kernel_size"),
+        py::arg("scale"), py::arg("poison"), py::arg("band"), py::call_guard<py::gil_scoped_release>());
   m.def("matmul", &matmul,
         "c = matmul(a, b, reduce): a_b b_b per image, or their sum over images (reduce)", py::arg("a"), py::arg("b"),
         py::arg("reduce"), py::call_guard<py::gil_scoped_release>());
