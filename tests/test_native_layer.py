@@ -149,3 +149,21 @@ def test_bad_input_still_names_the_argument():
     with pytest.raises((ValueError, RuntimeError)) as caught:
         sasa_impls.SASA2d(8, 8, 5, 2, impl="native")(torch.randn(1, 6, 6, 7))
     assert "LayerStep" not in str(caught.value)
+
+
+def test_a_retained_graph_runs_backward_again_and_double_backward_is_refused(monkeypatch):
+    """The node lets its product go after the op's backward only where the graph is not kept: a second backward
+    through a retained graph gives the same gradients; create_graph raises instead of differentiating wrongly."""
+    fused, _ = layers(torch.float64, True, 1, 8, 2, 5, monkeypatch)
+    x = torch.randn(1, 8, 6, 7, dtype=torch.float64, requires_grad=True)
+    native_backend(monkeypatch, x, 8)
+    out = fused(x)
+    cotangent = torch.randn_like(out)
+    out.backward(cotangent, retain_graph=True)
+    first = [x.grad.clone(), *(p.grad.clone() for p in fused.parameters())]
+    x.grad = None
+    fused.zero_grad(set_to_none=True)
+    out.backward(cotangent)
+    assert all(torch.equal(a, b) for a, b in zip(first, [x.grad, *(p.grad for p in fused.parameters())]))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
