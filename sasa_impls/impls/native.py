@@ -15,28 +15,27 @@ probabilities from the saved log-sum-exp and sums per-band key gradients in band
 independent of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle tolerances).
 Status (README "What the committed results say"): the fastest attention on the CPU at every benchmark shape; SASA2d(128,
 128, k=19) takes 1.4-1.5x a k = 3 convolution forward and 1.8-1.9x fwd+bwd on an AMD Zen 5 (AVX-512; `sasa-bench claim`,
-with the projections on the extension's own matmul), 1.4x and 1.54x on an AMD Zen 4 (1.65-1.7x in a slower pass of its
-VM), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the physical FMA peak forward and 28-41%
-fwd+bwd on the Zen 5, 52-65% and 41-53% on the Zen 4, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`): issue
-20's 1.5x is met forward (on the Zen 4 in 19 or 20 of the 20 cases of five runs since the forward fills 28 x 28's
-padding lanes with 4 interleaved heads), fwd+bwd at 32 x 32 on the Zen 4 (19 of 20 cases of ten runs) and at 28 x 28 in
-13 of 30 cases over two sessions (1.37-1.67x; 6 of 10 in the VM's fast pass), where the backward still pays an eighth of
-its lanes as padding (4 interleaved heads spill its buffers out of L2); the projection's three products run at 86-92% of
-the FMA loop (csrc/cpu/gemm.h). What bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of the
-FMA-only rate (the per-block set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the
-Zen 4, though aggregating 4 key rows at once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per
-accumulator where a group's query and key rows all meet, 0.95-0.98 of its time, and blocks of up to 20 accumulators take
-the logits' 19 offsets in 4 blocks instead of 5, 0.96-0.98 backward, 0.98-0.99 forward), the backward, 2.5x the
-forward's FMAs, takes 2.5-3.2x its time, and the layer's autograd and Python around its kernels cost 9-18% of its
-fwd+bwd at batch 1 (one autograd node for the whole layer, tried in Python and in C++, did not measurably shorten it),
-its kernels running 5-19% slower in the layer's sequence than each alone (scripts/native_ab.py's chain cases; since the
-threads read what their own core wrote, the chained kernels take 0.95-0.97 of their former time at batch 8, 0.98-0.99 at
-1, in most passes of the Zen 4's VM). The AVX2 build (the "avx2" variant, -march=haswell, 3-row groups) passes the
-reference checks in the tests on any AVX2 machine; on the Zen 4, whose 256- and 512-bit FMA rates are equal, it takes
-1.25-1.39x the AVX-512 build's time forward and 1.19-1.47x backward (28 x 28 and 32 x 32, batch 1), and with every code
-path limited to AVX2 (`native_targets.py --isa avx2`: the conv's too) the layer's fwd+bwd is within 1.5x at 28 x 28
-batch 8 in 3 of 4 runs, 1.49-1.64x at batch 1 and 1.56-1.61x at 32 x 32 batch 1, the bare op at 39-44% of the AVX2 FMA
-loop forward and 29-35% fwd+bwd; it has not been timed on an AVX2-only CPU.
+with the projections on the extension's own matmul; measured before the two changes below), 1.23-1.32x and 1.37-1.46x on
+an AMD Zen 4 (in its VM's fast pass), 1.5x and 2.0x on an AVX-512 Xeon; the bare op at k = 19 reaches 43-57% of the
+physical FMA peak forward and 28-41% fwd+bwd on the Zen 5, 56-69% and 42-55% on the Zen 4, 40-42% and 27-29% on the
+Xeon (`scripts/native_targets.py`). On the Zen 4 issue 20's 1.5x holds in every case of eight runs, forward and fwd+bwd
+(28 x 28 fwd+bwd 1.38-1.48x), since SASA2d on these kernels runs as one autograd node (sasa_impls/native_layer.py: the
+general path's Python and autograd glue between the kernels took 0.75-0.94 ms of a 4.6-4.9 ms step at 28 x 28 batch 1;
+the node's step 0.95-0.98x the general path's) and timing keeps glibc's heap (bench.measure.keep_freed_memory: the
+step had paid 48-131 page faults per call). The backward still pays an eighth of its lanes as padding at 28 x 28 (4
+interleaved heads spill its buffers out of L2); the projection's three products run at 86-92% of the FMA loop
+(csrc/cpu/gemm.h). What bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate
+(the per-block set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though
+aggregating 4 key rows at once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per accumulator
+where a group's query and key rows all meet, 0.95-0.98 of its time, and blocks of up to 20 accumulators take the
+logits' 19 offsets in 4 blocks instead of 5, 0.96-0.98 backward, 0.98-0.99 forward), the backward, 2.5x the forward's
+FMAs, takes 2.5-3.2x its time, and its kernels run 1-7% slower in the layer's sequence than each alone (each stage
+timed inside the chain: the product's output written to lines out of the caches, the op reading it). The AVX2 build
+(the "avx2" variant, -march=haswell, 3-row groups) passes the reference checks in the tests on any AVX2 machine; on the
+Zen 4, whose 256- and 512-bit FMA rates are equal, it takes 1.25-1.39x the AVX-512 build's time forward and 1.19-1.47x
+backward (28 x 28 and 32 x 32, batch 1), and with every code path limited to AVX2 (`native_targets.py --isa avx2`: the
+conv's too) the layer is within 1.5x forward and fwd+bwd at 28 x 28 but 1.48-1.59x fwd+bwd at 32 x 32, the bare op at
+49.5-54% of the AVX2 FMA loop forward and 38-40% fwd+bwd; it has not been timed on an AVX2-only CPU.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
