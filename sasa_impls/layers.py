@@ -84,10 +84,11 @@ class SASA2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank4(x)
         convs, (rel_row, rel_col) = (self.query, self.key, self.value), self._relative()
-        band = self._native_band(x, convs, rel_row, rel_col)
+        training = records_autograd(x, *(conv.weight for conv in convs), rel_row, rel_col)
+        band = self._native_band(x, convs, rel_row, rel_col, training)
         if band is not None:  # the projections and the op as one node on the native kernels
             return self.pool(native_layer(x, convs, rel_row, rel_col, self.heads, self.kernel_size, float(self.scale),
-                                          band))
+                                          band, training))
         with stage("projections"):
             q, k, v = fused_projection(x, convs)
         return self.pool(self.attend(q, k, v))
@@ -96,13 +97,12 @@ class SASA2d(nn.Module):
         return (self.rel.rel_row, self.rel.rel_col) if self.rel is not None else (None, None)
 
     def _native_band(self, x: torch.Tensor, convs: tuple[nn.Conv2d, ...], rel_row: Optional[torch.Tensor],
-                     rel_col: Optional[torch.Tensor]) -> Optional[int]:
+                     rel_col: Optional[torch.Tensor], training: bool) -> Optional[int]:
         """native_layer_band for this call, decided once per kind of call (the input's shape, dtype, device and
-        memory format, whether autograd records, the native build, the layer's impl, options, k and scale) and kept
-        with the layer."""
-        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(),
-               records_autograd(x, *(conv.weight for conv in convs), rel_row, rel_col), active_cpu_variant(),
-               self.impl, repr(self.options), self.kernel_size, self.scale)
+        memory format, whether autograd records (``training``), the native build, the layer's impl, options, k and
+        scale) and kept with the layer."""
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(), training, active_cpu_variant(), self.impl,
+               repr(self.options), self.kernel_size, self.scale)
         if key not in self._native_bands:
             self._native_bands[key] = native_layer_band(x, convs, rel_row, rel_col, self.heads, self.kernel_size,
                                                         self.impl, self.options)

@@ -56,11 +56,12 @@ def native_layer_band(x: Tensor, convs: Sequence[nn.Conv2d], rel_row: Optional[T
 
 
 def native_layer(x: Tensor, convs: Sequence[nn.Conv2d], rel_row: Optional[Tensor], rel_col: Optional[Tensor],
-                 heads: int, kernel_size: int, scale: float, band: int) -> Tensor:
+                 heads: int, kernel_size: int, scale: float, band: int, training: bool) -> Tensor:
     """SASA2d's projections and op on ``x`` (B, d_in, H, W) -> (B, d_out, H, W) in one call of the extension: one
-    autograd node where autograd records; in inference with the weights' stack projection.stacked_weight keeps (a
-    training step stacks them anew: an optimizer may change a weight where its version counter does not see it)."""
+    autograd node where autograd records (``training``: records_autograd of x, the weights and the embeddings); in
+    inference with the weights' stack projection.stacked_weight keeps (a training step stacks them anew: an optimizer
+    may change a weight where its version counter does not see it)."""
     weights = [conv.weight for conv in convs]
-    stacked = None if records_autograd(x, *weights, rel_row, rel_col) else stacked_weight(convs)
+    stacked = None if training else stacked_weight(convs)
     return active_cpu_extension().layer_step(x, *weights, rel_row, rel_col, stacked, heads, kernel_size, scale,
                                              native.POISON_OUTPUTS, band)

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from bench.runner import Settings
-from sasa_impls import registry
+from sasa_impls import projection, registry
 
 REPO = Path(__file__).resolve().parent.parent
 # Settings for tests that check what the runner records, not how fast anything is: a short, loose timer.
@@ -112,3 +112,11 @@ def bad_flags(table: str) -> list[tuple[list[str], str]]:
         argv = shlex.split(words)
         cases.append((argv, flag or argv[0]))
     return cases
+
+
+def preset_projection_backend(monkeypatch, x: torch.Tensor, out_channels: int, backend: str,
+                              modes: tuple[bool, ...] = (True,)) -> None:
+    """SASA2d's projection backend for ``x`` and ``out_channels`` stacked rows set to ``backend`` in the given modes
+    (training True / False), where timing would choose at first use (projection.backend_key: the active build too)."""
+    for training in modes:
+        monkeypatch.setitem(projection._CHOSEN_BACKEND, projection.backend_key(x, out_channels, training), backend)

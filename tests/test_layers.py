@@ -9,6 +9,7 @@ import torch
 import sasa_impls
 from bench.flops import attention_params
 
+from helpers import preset_projection_backend
 from test_correctness import masked_impls
 
 
@@ -122,8 +123,7 @@ def test_fused_projection_matches_three_convs(backend, channels_last, batch, mon
     x = torch.randn(batch, 12, 5, 7)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    key = sasa_impls.projection.backend_key(x, 48, training=True)
-    monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, backend if x.is_contiguous() else "conv")
+    preset_projection_backend(monkeypatch, x, 48, backend if x.is_contiguous() else "conv")
     convs = (layer.query, layer.key, layer.value)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     chosen = dict(sasa_impls.projection._CHOSEN_BACKEND)

@@ -17,7 +17,7 @@ from sasa_impls.impls import _native_build, native
 from sasa_impls.impls.native import native_attention
 from sasa_impls.impls.reference import reference_attention
 
-from helpers import grads, on_thread_counts, random_inputs
+from helpers import grads, on_thread_counts, preset_projection_backend, random_inputs
 
 if not native.native_available(torch.device("cpu"), torch.float64)[0]:
     pytest.skip(f"native CPU kernel unavailable: {native.native_available(torch.device('cpu'), torch.float64)[1]}",
@@ -259,9 +259,8 @@ def test_cpu_variant_switches_the_op_and_the_projection_product(monkeypatch):
     layer = sasa_impls.SASA2d(8, 8, 5, heads=2, impl="native")
     x = torch.randn(1, 8, 6, 7, requires_grad=True)
     with _native_build.cpu_variant("avx2"):
-        key = sasa_impls.projection.backend_key(x, 24, training=True)
-        assert key[-1] == "avx2"
-        monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, "native")
+        assert sasa_impls.projection.backend_key(x, 24, training=True)[-1] == "avx2"
+        preset_projection_backend(monkeypatch, x, 24, "native")
         called.clear()
         layer(x).square().sum().backward()
         assert called and set(called) == {"avx2"}

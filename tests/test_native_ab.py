@@ -14,6 +14,8 @@ import torch
 import sasa_impls
 from sasa_impls.impls import _native_build
 
+from helpers import preset_projection_backend
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "native_ab.py"
 
@@ -63,8 +65,7 @@ def test_the_chain_computes_what_the_layer_computes(monkeypatch):
         layer.rel.rel_row.copy_(rel_row)
         layer.rel.rel_col.copy_(rel_col)
     image = x.reshape(2, channels, 7, 7).clone().requires_grad_()
-    key = sasa_impls.projection.backend_key(image, 3 * channels, training=True)
-    monkeypatch.setitem(sasa_impls.projection._CHOSEN_BACKEND, key, "native")
+    preset_projection_backend(monkeypatch, image, 3 * channels, "native")
     y = layer(image)
     y.backward(grad.permute(0, 1, 4, 2, 3).reshape(y.shape))
     torch.testing.assert_close(out.permute(0, 1, 4, 2, 3).reshape(y.shape), y.detach())

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import sasa_impls
-from sasa_impls import projection
 from sasa_impls.impls import native
 from sasa_impls.native_layer import native_layer_band
+
+from helpers import preset_projection_backend
 
 if not native.native_available(torch.device("cpu"), torch.float64)[0]:
     pytest.skip(f"native CPU kernel unavailable: {native.native_available(torch.device('cpu'), torch.float64)[1]}",
@@ -33,12 +34,6 @@ def layers(dtype, relative, stride, channels, heads, k, monkeypatch) -> tuple[sa
     return fused, general
 
 
-def native_backend(monkeypatch, x: torch.Tensor, out_channels: int) -> None:
-    """The projection's backend for x set to the native product, where timing would choose at first use."""
-    for training in (True, False):
-        monkeypatch.setitem(projection._CHOSEN_BACKEND, projection.backend_key(x, 3 * out_channels, training), "native")
-
-
 def node_names(output: torch.Tensor) -> set[str]:
     names, todo = set(), [output.grad_fn]
     while todo:
@@ -56,7 +51,7 @@ def test_one_node_gives_the_general_paths_bits(case, monkeypatch):
     dtype, relative, stride, channels, heads, k, batch, height, width = case
     fused, general = layers(dtype, relative, stride, channels, heads, k, monkeypatch)
     x = torch.randn(batch, channels, height, width, dtype=dtype)
-    native_backend(monkeypatch, x, channels)
+    preset_projection_backend(monkeypatch, x, 3 * channels, "native", (True, False))
     leaves = x.clone().requires_grad_(), x.clone().requires_grad_()
     with native.poisoned_outputs():
         outputs = fused(leaves[0]), general(leaves[1])
@@ -79,7 +74,7 @@ def test_one_node_matches_the_float64_reference(monkeypatch):
     reference = sasa_impls.SASA2d(12, 12, 9, 3, impl="reference").double()
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(2, 12, 7, 11, dtype=torch.float64)
-    native_backend(monkeypatch, x, 12)
+    preset_projection_backend(monkeypatch, x, 3 * 12, "native", (True, False))
     leaves = x.clone().requires_grad_(), x.clone().requires_grad_()
     outputs = fused(leaves[0]), reference(leaves[1])
     assert any("LayerStep" in name for name in node_names(outputs[0]))
@@ -97,7 +92,7 @@ def test_only_what_needs_a_gradient_gets_one(monkeypatch):
     others still get the general path's bits."""
     fused, general = layers(torch.float64, True, 1, 8, 2, 5, monkeypatch)
     x = torch.randn(1, 8, 6, 7, dtype=torch.float64)
-    native_backend(monkeypatch, x, 8)
+    preset_projection_backend(monkeypatch, x, 3 * 8, "native", (True, False))
     for layer in (fused, general):
         layer(x).sum().backward()
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(fused.parameters(), general.parameters()))
@@ -116,7 +111,7 @@ def test_weights_changed_between_steps_are_seen(monkeypatch):
     shows in the next step, as in the general path; in inference an in-place update does."""
     fused, general = layers(torch.float64, True, 1, 8, 2, 5, monkeypatch)
     x = torch.randn(1, 8, 6, 7, dtype=torch.float64, requires_grad=True)
-    native_backend(monkeypatch, x, 8)
+    preset_projection_backend(monkeypatch, x, 3 * 8, "native", (True, False))
     before = fused(x)
     for layer in (fused, general):
         layer.value.weight.data.mul_(-2.0)
@@ -134,8 +129,7 @@ def test_the_general_path_where_the_node_cannot_run(monkeypatch):
     path (no LayerStep node); nor on another device than the CPU."""
     x = torch.randn(1, 8, 6, 7, requires_grad=True)
     assert not any("LayerStep" in n for n in node_names(sasa_impls.SASA2d(8, 8, 5, 2, impl="unfold")(x)))
-    for training in (True, False):
-        monkeypatch.setitem(projection._CHOSEN_BACKEND, projection.backend_key(x, 24, training), "conv")
+    preset_projection_backend(monkeypatch, x, 24, "conv", (True, False))
     assert not any("LayerStep" in n for n in node_names(sasa_impls.SASA2d(8, 8, 5, 2, impl="native")(x)))
     half = sasa_impls.SASA2d(8, 8, 5, 2, impl="native").to(torch.bfloat16)
     assert not any("LayerStep" in n for n in node_names(half(x.detach().to(torch.bfloat16).requires_grad_())))
@@ -156,7 +150,7 @@ def test_a_retained_graph_runs_backward_again_and_double_backward_is_refused(mon
     through a retained graph gives the same gradients; create_graph raises instead of differentiating wrongly."""
     fused, _ = layers(torch.float64, True, 1, 8, 2, 5, monkeypatch)
     x = torch.randn(1, 8, 6, 7, dtype=torch.float64, requires_grad=True)
-    native_backend(monkeypatch, x, 8)
+    preset_projection_backend(monkeypatch, x, 3 * 8, "native", (True, False))
     out = fused(x)
     cotangent = torch.randn_like(out)
     out.backward(cotangent, retain_graph=True)

@@ -337,7 +337,6 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool reduce) {
   return c;
 }
 
-
 // SASA2d's step on these kernels as one autograd node (sasa_impls/native_layer.py says why and when): the
 // projection's product of the stacked weight, the op on its q, k, v channel slices, and in the backward the op's
 // backward written straight into the product's gradient (its q, k, v slices), then the product's two gradients.
@@ -425,8 +424,8 @@ struct LayerStep : public torch::autograd::Function<LayerStep> {
       }
     }
     torch::autograd::variable_list result{dx};
-    for (int64_t part = 0; part < 3; ++part) {
-      result.push_back(dw.defined() ? dw.chunk(3)[part].view({dw.size(0) / 3, dw.size(1), 1, 1}) : at::Tensor());
+    for (const at::Tensor& part : dw.defined() ? dw.chunk(3) : std::vector<at::Tensor>(3)) {
+      result.push_back(part.defined() ? part.view({part.size(0), part.size(1), 1, 1}) : part);
     }
     const bool relative = op_grads.size() == 5;
     result.push_back(relative ? op_grads[3] : at::Tensor());
