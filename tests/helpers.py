@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import shlex
 import signal
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 import torch
@@ -120,3 +123,13 @@ def preset_projection_backend(monkeypatch, x: torch.Tensor, out_channels: int, b
     (training True / False), where timing would choose at first use (projection.backend_key: the active build too)."""
     for training in modes:
         monkeypatch.setitem(projection._CHOSEN_BACKEND, projection.backend_key(x, out_channels, training), backend)
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of scripts/ as a module named for its file (registered in sys.modules: a dataclass it defines looks its
+    module up there)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

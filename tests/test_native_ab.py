@@ -2,7 +2,6 @@
 case it is given, tells bits apart, and fails cleanly on bad input."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 import sasa_impls
 from sasa_impls.impls import _native_build
 
-from helpers import preset_projection_backend
+from helpers import load_script, preset_projection_backend
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "native_ab.py"
@@ -40,20 +39,12 @@ def test_every_case_gets_a_ratio_and_its_bits():
         assert 0 < low <= ratio <= high and line.endswith("same bits")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("native_ab", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_chain_computes_what_the_layer_computes(monkeypatch):
     """chainbwd's kernels, called as the script calls them, give SASA2d's output and gradients (native impl, its
     projection on the native product as the chain's, the same weights, input and output gradient): the chain times the
     layer's work, not some other. (The layer's backend is set, not timed: where timing picked the conv or MKL, their
     other summation order put dX 5e-5 off in one CI run.)"""
-    module = load_script()
+    module = load_script(SCRIPT)
     case = module.Case.parse("chainbwd:5:7:2")
     weight, x, rel_row, rel_col, grad = module.chain_inputs(case)
     out, drow, dcol, dx, dw = module.chain_call(_native_build.cpu_extension(), case, (weight, x, rel_row, rel_col, grad))()
@@ -77,7 +68,7 @@ def test_the_chain_computes_what_the_layer_computes(monkeypatch):
 
 
 def test_different_results_are_reported_as_such():
-    module = load_script()
+    module = load_script(SCRIPT)
     a = (torch.randn(4, 5), torch.randn(3))
     assert module.compare_bits(a, tuple(t.clone() for t in a)) == "same bits"
     nudged = (a[0], a[1] + 1e-3 * a[1].abs().max())
