@@ -17,8 +17,10 @@ if not _native_build.native_available(torch.device("cpu"), torch.float32)[0]:
     pytest.skip(f"native CPU kernel unavailable: {_native_build.native_available(torch.device('cpu'), torch.float32)[1]}",
                 allow_module_level=True)
 
-# (batch, M, K, N): one full block; tails of every loop; a depth of three slabs; the layer's shape
-SHAPES = [(1, 6, 128, 64), (2, 13, 5, 37), (3, 7, 1100, 70), (1, 1, 1, 1), (2, 384, 128, 196)]
+# (batch, M, K, N): one full block; tails of every loop; a depth of three slabs; the layer's shape; B's rows an odd
+# number of cache lines apart, read in place (208 floats, 200 doubles; 28 x 28 is 784 floats) over two slabs
+SHAPES = [(1, 6, 128, 64), (2, 13, 5, 37), (3, 7, 1100, 70), (1, 1, 1, 1), (2, 384, 128, 196), (2, 13, 600, 208),
+          (2, 13, 600, 200)]
 VARIANTS = [""] + (["avx2"] if "avx2" in _native_build.cpu_flags().split() else [])
 
 
@@ -64,6 +66,19 @@ def test_product_bits_do_not_depend_on_the_thread_count(reduce):
     a, b = torch.randn(3, 50, 200), torch.randn(3, 200, 150)
     results = on_thread_counts((1, 2, 3), lambda: ext().matmul(a, b, reduce))
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 208), (torch.float64, 200)])
+def test_rows_read_in_place_give_the_packed_slabs_bits(dtype, n, variant):
+    """B with rows an odd number of 64-byte lines apart is read in place (gemm.h's reads_in_place); the same values
+    with rows 16 elements further apart (an even number of lines) are packed first: the same bits."""
+    a = torch.randn(2, 13, 600, dtype=dtype)
+    wide = torch.randn(2, 600, n + 16, dtype=dtype)
+    packed, in_place = wide[..., :n], wide[..., :n].contiguous()
+    assert in_place.stride(1) * in_place.element_size() // 64 % 2 == 1 and packed.stride(1) == n + 16
+    got = ext(variant).matmul(a, in_place, False)
+    assert torch.equal(got, ext(variant).matmul(a, packed, False))
+    assert (got.double() - a.double() @ in_place.double()).abs().max() <= tolerance(dtype, 600) * got.abs().max()
 
 
 def test_empty_depth_gives_zeros():

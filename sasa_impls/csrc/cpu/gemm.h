@@ -76,7 +76,7 @@ void pack_slab(const Matrix<T>& b, int64_t k0, int depth, int64_t n0, int width,
 // 784 = 12 x 64 + 16 columns at 28 x 28).
 template <typename T, int ROWS, int V>
 __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_t k0, int depth, const T* slab,
-                                          T* c, int64_t ldc, int width, bool accumulate) {
+                                          int64_t lds, T* c, int64_t ldc, int width, bool accumulate) {
   constexpr int L = kLanes<T>, P = kPanelWidth<T>;
   // Loops over acc's indices unrolled (and partial vectors loaded with one masked load): GCC kept acc on the stack
   // otherwise, and the stores of a block's first values waited behind the previous block's stores of C, which
@@ -103,7 +103,7 @@ __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_
   for (int k = 0; k < depth; ++k) {
     Vec<T> x[V];
     for (int v = 0; v < V; ++v) {
-      x[v] = load(slab + static_cast<int64_t>(k) * P + v * L);
+      x[v] = load(slab + k * lds + v * L);
       asm("" : "+v"(x[v]));  // one load for all rows (GCC would fold it into each FMA)
     }
     for (int i = 0; i < ROWS; ++i) {
@@ -130,14 +130,29 @@ __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_
 // gemm_block for 1 .. ROWS rows and 1 .. V vectors (known at run time).
 template <typename T, int ROWS = kRowBlock, int V = kPanelVectors>
 inline void gemm_rows(int rows, int vectors, const Matrix<T>& a, int64_t m0, int64_t k0, int depth, const T* slab,
-                      T* c, int64_t ldc, int width, bool accumulate) {
+                      int64_t lds, T* c, int64_t ldc, int width, bool accumulate) {
   if constexpr (ROWS > 1) {
-    if (rows < ROWS) return gemm_rows<T, ROWS - 1, V>(rows, vectors, a, m0, k0, depth, slab, c, ldc, width, accumulate);
+    if (rows < ROWS) {
+      return gemm_rows<T, ROWS - 1, V>(rows, vectors, a, m0, k0, depth, slab, lds, c, ldc, width, accumulate);
+    }
   }
   if constexpr (V > 1) {
-    if (vectors < V) return gemm_rows<T, ROWS, V - 1>(rows, vectors, a, m0, k0, depth, slab, c, ldc, width, accumulate);
+    if (vectors < V) {
+      return gemm_rows<T, ROWS, V - 1>(rows, vectors, a, m0, k0, depth, slab, lds, c, ldc, width, accumulate);
+    }
   }
-  gemm_block<T, ROWS, V>(a, m0, k0, depth, slab, c, ldc, width, accumulate);
+  gemm_block<T, ROWS, V>(a, m0, k0, depth, slab, lds, c, ldc, width, accumulate);
+}
+
+// Whether gemm_block may read B's panel in place instead of a packed slab: a full panel (whole vectors) on rows of
+// unit stride an odd number of 64-byte lines apart, so that consecutive rows fall in every L1 set in turn (28 x 28
+// pixels: 49 lines; 32 x 32: 64 lines, every row in one set, which is why B is packed). In place, the forward
+// product at 28 x 28 took 0.975-0.986 of its time and its gradients 0.952-0.974 (batch 8 and 1; the same bits; AMD
+// Zen 5 f26m2, scripts/native_ab.py), the layer's chained kernels 0.974 at batch 8.
+template <typename T>
+inline bool reads_in_place(const Matrix<T>& b, int width) {
+  const int64_t stride_bytes = b.row_stride * static_cast<int64_t>(sizeof(T));
+  return width == kPanelWidth<T> && b.col_stride == 1 && stride_bytes % 64 == 0 && stride_bytes / 64 % 2 == 1;
 }
 
 // C[m0 .. m1, n0 .. n0 + width) (+)= A[m0 .. m1, :] B[:, n0 .. n0 + width), K = a's columns, slab by slab;
@@ -145,14 +160,17 @@ inline void gemm_rows(int rows, int vectors, const Matrix<T>& a, int64_t m0, int
 template <typename T>
 void gemm_panel(const Matrix<T>& a, const Matrix<T>& b, int64_t m0, int64_t m1, int64_t depth_total, int64_t n0,
                 int width, T* c, int64_t ldc, bool accumulate, T* slab) {
+  const bool in_place = reads_in_place(b, width);
   for (int64_t k0 = 0; k0 < depth_total; k0 += kDepth) {
     const int depth = static_cast<int>(depth_total - k0 < kDepth ? depth_total - k0 : kDepth);
-    pack_slab(b, k0, depth, n0, width, slab);
+    if (!in_place) pack_slab(b, k0, depth, n0, width, slab);
+    const T* rows = in_place ? b.at(k0, n0) : slab;
+    const int64_t lds = in_place ? b.row_stride : kPanelWidth<T>;
     const bool add = accumulate || k0 > 0;
     const int vectors = (width + kLanes<T> - 1) / kLanes<T>;
     for (int64_t m = m0; m < m1; m += kRowBlock) {
       const int block = static_cast<int>(m1 - m < kRowBlock ? m1 - m : kRowBlock);
-      gemm_rows<T>(block, vectors, a, m, k0, depth, slab, c + m * ldc + n0, ldc, width, add);
+      gemm_rows<T>(block, vectors, a, m, k0, depth, rows, lds, c + m * ldc + n0, ldc, width, add);
     }
   }
 }
