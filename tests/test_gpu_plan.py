@@ -91,7 +91,7 @@ def test_smoke_runs_every_phase_without_the_optional_packages(blocked_env, tmp_p
 
 
 def test_a_budget_stops_the_plan_in_time_and_says_what_was_skipped(blocked_env, tmp_path):
-    budget = 60
+    budget = 30
     start = time.monotonic()
     done = plan(blocked_env, "--smoke", "--budget", str(budget), "--out", str(tmp_path))
     elapsed = time.monotonic() - start

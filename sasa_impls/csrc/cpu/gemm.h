@@ -10,7 +10,8 @@
 // lives in registers (24 of AVX-512's 32; 12 of AVX2's 16); per k, the panel's vectors are loaded once and
 // each row's A(m, k) broadcast once, feeding kPanelVectors FMAs. B is packed, a kDepth x panel-width slab at
 // a time, into a contiguous zero-padded buffer that every row block of the task then streams through in order
-// (B's rows at a stride of H W floats would otherwise map to a few L1 sets). A is read in place through its
+// (B's rows at a stride of H W floats would otherwise map to a few L1 sets), except where its rows spread over the
+// sets by themselves (reads_in_place: the panel is then read where it lies). A is read in place through its
 // strides (W or W^T, a view). Every element of C is computed by one task, over k in increasing order: the
 // result does not depend on the thread count.
 #pragma once
@@ -71,9 +72,9 @@ void pack_slab(const Matrix<T>& b, int64_t k0, int depth, int64_t n0, int width,
   }
 }
 
-// C[m0 .. m0 + ROWS, panel columns] (+)= A[rows, k0 .. k0 + depth] slab; ``width`` valid columns of the panel,
-// in its first V vectors (a panel cut short by the image's last pixels computes only the vectors it needs:
-// 784 = 12 x 64 + 16 columns at 28 x 28).
+// C[m0 .. m0 + ROWS, panel columns] (+)= A[rows, k0 .. k0 + depth] slab, the slab's rows ``lds`` elements apart (a
+// packed slab, or B's panel in place); ``width`` valid columns of the panel, in its first V vectors (a panel cut short
+// by the image's last pixels computes only the vectors it needs: 784 = 12 x 64 + 16 columns at 28 x 28).
 template <typename T, int ROWS, int V>
 __attribute__((noinline)) void gemm_block(const Matrix<T>& a, int64_t m0, int64_t k0, int depth, const T* slab,
                                           int64_t lds, T* c, int64_t ldc, int width, bool accumulate) {
@@ -147,8 +148,8 @@ inline void gemm_rows(int rows, int vectors, const Matrix<T>& a, int64_t m0, int
 // Whether gemm_block may read B's panel in place instead of a packed slab: a full panel (whole vectors) on rows of
 // unit stride an odd number of 64-byte lines apart, so that consecutive rows fall in every L1 set in turn (28 x 28
 // pixels: 49 lines; 32 x 32: 64 lines, every row in one set, which is why B is packed). In place, the forward
-// product at 28 x 28 took 0.975-0.986 of its time and its gradients 0.952-0.974 (batch 8 and 1; the same bits; AMD
-// Zen 5 f26m2, scripts/native_ab.py), the layer's chained kernels 0.974 at batch 8.
+// product at 28 x 28 took 0.975-0.986 of its time and its gradients 0.941-0.974 (batch 8 and 1; the same bits; AMD
+// Zen 5 f26m2, scripts/native_ab.py), the layer's chained kernels 0.973-0.974 at batch 8.
 template <typename T>
 inline bool reads_in_place(const Matrix<T>& b, int width) {
   const int64_t stride_bytes = b.row_stride * static_cast<int64_t>(sizeof(T));
