@@ -105,7 +105,7 @@ class SASA2d(nn.Module):
                repr(self.options), self.kernel_size, self.scale)
         if key not in self._native_bands:
             self._native_bands[key] = native_layer_band(x, convs, rel_row, rel_col, self.heads, self.kernel_size,
-                                                        self.impl, self.options)
+                                                        self.impl, self.options, training)
         return self._native_bands[key]
 
 

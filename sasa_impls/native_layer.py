@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .common import records_autograd
 from .functional import select_impl
 from .impls import native
 from .impls._native_build import active_cpu_extension
@@ -35,16 +34,17 @@ Tensor = torch.Tensor
 
 
 def native_layer_band(x: Tensor, convs: Sequence[nn.Conv2d], rel_row: Optional[Tensor], rel_col: Optional[Tensor],
-                      heads: int, kernel_size: int, impl: str, options) -> Optional[int]:
+                      heads: int, kernel_size: int, impl: str, options, training: bool) -> Optional[int]:
     """The op's band option where SASA2d's call on ``x`` can be one native node (0: the kernel's default), None
     where it cannot: x not on the CPU, its channels not the projections', the implementation ``impl`` would choose
-    for it not ``native``, or the projection's fastest backend for it not the native product."""
+    for it not ``native``, or the projection's fastest backend for it not the native product. ``training``: whether
+    autograd records the call (records_autograd of x, the weights and the embeddings, as SASA2d computed it)."""
     if x.device.type != "cpu" or x.shape[1] != convs[0].in_channels:
         return None
     batch, _, height, width = x.shape
     out_channels = convs[0].out_channels
     spec = AttentionSpec(x.device, x.dtype, batch, heads, height, width, out_channels // heads, kernel_size,
-                         rel_row is not None, records_autograd(x, *(conv.weight for conv in convs), rel_row, rel_col))
+                         rel_row is not None, training)
     try:
         chosen = select_impl(impl, spec)
         band = chosen.parse_options(options).get("band")

@@ -135,7 +135,8 @@ def test_the_general_path_where_the_node_cannot_run(monkeypatch):
     assert not any("LayerStep" in n for n in node_names(half(x.detach().to(torch.bfloat16).requires_grad_())))
     layer = sasa_impls.SASA2d(8, 8, 5, 2, impl="native")
     convs = (layer.query, layer.key, layer.value)
-    assert native_layer_band(torch.empty(1, 8, 6, 7, device="meta"), convs, None, None, 2, 5, "native", None) is None
+    assert native_layer_band(torch.empty(1, 8, 6, 7, device="meta"), convs, None, None, 2, 5, "native", None,
+                             False) is None
 
 
 def test_bad_input_still_names_the_argument():

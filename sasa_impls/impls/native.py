@@ -37,7 +37,9 @@ timed inside the chain: the product's output written to lines out of the caches,
 Zen 4, whose 256- and 512-bit FMA rates are equal, it takes 1.25-1.39x the AVX-512 build's time forward and 1.19-1.47x
 backward (28 x 28 and 32 x 32, batch 1), and with every code path limited to AVX2 (`native_targets.py --isa avx2`: the
 conv's too) the layer is within 1.5x forward and fwd+bwd at 28 x 28 but 1.48-1.59x fwd+bwd at 32 x 32, the bare op at
-49.5-54% of the AVX2 FMA loop forward and 38-40% fwd+bwd; it has not been timed on an AVX2-only CPU.
+49.5-54% of the AVX2 FMA loop forward and 38-40% fwd+bwd; on the Zen 5 (256-bit FMAs at half the 512-bit rate) within
+1.5x in every case of five passes (fwd+bwd 1.23-1.45x), the bare op at 48-61% and 37-47%; it has not been timed on an
+AVX2-only CPU.
 
 CUDA (``csrc/cuda``): flash-style kernels with shared-memory halo chunks on CUDA cores, fp32
 accumulation, no atomics. They compile here (tests/test_native_cuda_compile.py checks ptxas' register
