@@ -92,11 +92,13 @@ class PackedRows {
  private:
   static int64_t round_up(int64_t n) { return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
-  // pack with HEADS = interleave_, known at compile time: the interleaving stores vectorize. One plane: row by row.
-  // Interleaved planes: channel by channel, its rows in order (one stream per plane in SASA2d's channel-major
-  // layout), which took about 0.72 of the time of row by row at k = 3, 4 heads of 28 x 28, batch 8 (AMD Zen 4, the
-  // forward against an unchanged kernel in two runs: 1.015 and 1.404); for one plane, row by row took about 0.87-0.90
-  // of channel by channel (k = 3, 32 x 32, batch 8: 1.006 and 1.039 against 1.15).
+  // pack with HEADS = interleave_, known at compile time: the interleaving stores vectorize. Interleaved planes, and
+  // one plane's runs of 8 rows or more (the backward's whole bands): channel by channel, its rows in order (one
+  // stream per plane in SASA2d's channel-major layout), which took about 0.72 of the time of row by row at k = 3, 4
+  // heads of 28 x 28, batch 8 (AMD Zen 4, the forward against an unchanged kernel in two runs: 1.015 and 1.404), and
+  // for the backward's one plane 0.967 [0.953, 0.997] of the backward's time at k = 19, 28 x 28 batch 8 (0.99 at
+  // batch 1; AMD Zen 5 f26m2). One plane's few rows (the forward packs a group's 4 new rows at a time): row by row,
+  // which took about 0.87-0.90 of channel by channel (k = 3, 32 x 32, batch 8: 1.006 and 1.039 against 1.15).
   template <int HEADS, typename S>
   void pack_rows(const Plane<const S>* planes, int row_begin, int row_end, T scale) {
     bool unit = true;
@@ -115,7 +117,7 @@ class PackedRows {
         }
       }
     };
-    if constexpr (HEADS == 1) {
+    if (HEADS == 1 && row_end - row_begin < 8) {
       for (int i = row_begin; i < row_end; ++i) {
         for (int d = 0; d < channels_; ++d) pack_one(i, d);
       }
