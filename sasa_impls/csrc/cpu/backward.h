@@ -9,8 +9,8 @@
 // over each row offset and each column offset (the relative gradients' k + k values per query), and
 // leaves p and dS of each (query row, key row) pair (k values per pixel) in scratch. For each query
 // row, a key-centric sweep over the key rows then reads them diagonally (key x, offset c pairs with
-// query x - c + r) for dK += dS q and dV += p dO, with the key row's pixels in the lanes (shifts of whole pixels:
-// the interleaved heads' lanes). Grouping
+// query x - c + r; p is stored skewed so that these reads of it are aligned: scratch_margin) for dK += dS q and
+// dV += p dO, with the key row's pixels in the lanes (shifts of whole pixels: the interleaved heads' lanes). Grouping
 // rows lets each shifted load feed the FMAs of every row of a group (3 or 4 rows, below; contract.h). Each contraction is the
 // forward's microkernel: 5 D MACs per (query, key) pair. Where every query row of a group meets every key row of a
 // key group (the window's middle, 16 of 22 key rows at k = 19), dQ sums the key rows' pairs and dK and dV the query
@@ -80,9 +80,17 @@ inline int64_t halo_row_size(const Shape& s) {
   return 2 * static_cast<int64_t>(s.channels) * padded_width<T>(s.lanes());
 }
 
-// The p / dS scratch rows: query lane 0 at ``margin`` (r columns of lanes rounded up to whole vectors: the stores
-// of the exp loop and the loads of dQ's contraction are aligned; at r = 9 every one straddled two cache lines), r
-// or more zero columns after the padded lanes, rows of whole vectors.
+// The p / dS scratch rows: query lane 0 at ``margin`` (r columns of lanes rounded up to whole vectors: the exp loop's
+// stores of dS and the loads of dQ's contraction are aligned; at r = 9 every one straddled two cache lines), r
+// or more zero columns after the padded lanes, rows of whole vectors. p, which only dV's key-centric sweep reads, is
+// stored skewed: row c (column offset c) holds query lane y at margin + y - (r - c) interleave, so that the sweep,
+// which pairs key lane x with query lane x + (r - c) interleave, reads it aligned at margin + x (a position no query
+// lane is stored at reads the zero left there). The diagonal loads, 15 of 16 across two cache lines of a scratch
+// that lives in L2, cost 6-9% of the backward where dS and p are both read that way (aligned loads in their place,
+// wrong values: 0.915-0.937 of the time); p skewed (its stores now across lines) took 0.970 [0.964, 0.975] of the
+// backward's time at 28 x 28 batch 8, 0.984 at batch 1, 0.977 at 32 x 32 batch 1, the layer's chained kernels 0.977
+// and 0.988 (AMD Zen 5 f26m2, the same bits). dS skewed as well, as a second copy for dK (dQ reads it unskewed):
+// 1.01 of that.
 template <typename T>
 inline int scratch_margin(const Shape& s) { return padded_width<T>(s.radius() * s.interleave); }
 
@@ -95,7 +103,7 @@ struct BackwardWorkspace {
   RelTables<T> rel;
   std::vector<T> lse, delta;              // [band rows][wp]
   std::vector<T> row_terms, col_terms;    // [G][k][wp]: the relative terms of the group's query rows
-  VecBuffer<T> probs, dscores;            // [G][GK][k][ws]: p and dS of (query row g, key row a0 + e)
+  VecBuffer<T> probs, dscores;            // [G][GK][k][ws]: p (skewed) and dS of (query row g, key row a0 + e)
   std::vector<T> ds_rows, ds_cols;        // [band rows][k][wp]: sums of dS per row / column offset
   std::vector<T> dq;                      // [band rows][D][wp]: dQ / scale
   VecBuffer<T> logits, dp;                // G k vectors each
@@ -250,10 +258,13 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
     const auto dq_row = [&](int g) { return ws.dq.data() + static_cast<int64_t>(i0 + g - row0) * D * wp; };
     // dK of key row a0 + e at columns x0 ..; its dV follows D padded rows later
     const auto dk_row = [&](int a0, int e, int x0) { return Strided<T>{halo + (a0 + e - hb) * row_size + x0, wp}; };
-    // p or dS of (query row g, key row e) read diagonally for key lanes x0 ..: offset c at query lane x0 + (r - c)
-    // HEADS
-    const auto diagonal = [&](VecBuffer<T>& scratch, int g, int e, int x0) {
-      return Loads<T>{ws.pair(scratch, g, e) + margin + r * HEADS + x0, wsc - HEADS};
+    // dS of (query row g, key row e) read diagonally for key lanes x0 ..: offset c at query lane x0 + (r - c) HEADS;
+    // p, stored skewed (scratch_margin), read the same way with aligned loads
+    const auto diagonal_dscores = [&](int g, int e, int x0) {
+      return Loads<T>{ws.pair(ws.dscores, g, e) + margin + r * HEADS + x0, wsc - HEADS};
+    };
+    const auto diagonal_probs = [&](int g, int e, int x0) {
+      return Loads<T>{ws.pair(ws.probs, g, e) + margin + x0, wsc};
     };
     for (int x0 = 0; x0 < wp; x0 += L) {
       Strided<T> block_rows[G], block_cols[G];
@@ -302,14 +313,14 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             const int64_t stat = static_cast<int64_t>(i0 + g - row0) * wp + x0;
             const Vec<T> lse_log2e = load(ws.lse.data() + stat) * static_cast<T>(kLog2e);
             const Vec<T> delta = load(ws.delta.data() + stat);
-            T* probs = ws.pair(ws.probs, g, e) + margin + x0;
+            T* probs = ws.pair(ws.probs, g, e) + margin - r * HEADS + x0;  // offset c at + c (wsc + HEADS): skewed
             T* scores = ws.pair(ws.dscores, g, e) + margin + x0;
             T* col_sums = ds_cols(g, 0) + x0;
             Vec<T> row_sum = Vec<T>{};
             for (int c = 0; c < k; ++c) {
               const Vec<T> p = vexp_sub(logits[g].get(c), lse_log2e);
               const Vec<T> ds = p * (dp[g].get(c) - delta);
-              store(probs + c * wsc, p);
+              store(probs + c * (wsc + HEADS), p);
               store(scores + c * wsc, ds);
               row_sum += ds;
               store(col_sums + c * wp, load(col_sums + c * wp) + ds);
@@ -344,8 +355,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
           }
           for (int g = 0; g < rows; ++g) {
             for (int e = 0; e < keys; ++e) {
-              dscores[g][e] = diagonal(ws.dscores, g, e, x0);
-              probs[g][e] = diagonal(ws.probs, g, e, x0);
+              dscores[g][e] = diagonal_dscores(g, e, x0);
+              probs[g][e] = diagonal_probs(g, e, x0);
             }
             query_parts[g] = {dscores[g], VectorAt<T>{ws.q.at(i0 + g, 0, x0 + r * HEADS), -HEADS, cs}};
             grad_parts[g] = {probs[g], VectorAt<T>{ws.grad_out.at(i0 + g, 0, x0 + r * HEADS), -HEADS, cs}};
@@ -364,8 +375,8 @@ __attribute__((noinline)) void backward_rows(const Shape& shape, BackwardWorkspa
             for (int e = first; e <= last; ++e) {
               dk[e] = dk_row(a0, e, x0);
               dv[e] = {dk[e].base + static_cast<int64_t>(D) * wp, wp};
-              dscores[e] = diagonal(ws.dscores, g, e, x0);
-              probs[e] = diagonal(ws.probs, g, e, x0);
+              dscores[e] = diagonal_dscores(g, e, x0);
+              probs[e] = diagonal_probs(g, e, x0);
             }
             const int count = last - first + 1;
             contract_rows<T, GK>(count, dk + first, D, Accumulate<T>{dk + first}, dscores + first,
