@@ -60,16 +60,26 @@ def interleaved(fns: dict[str, Callable[[], object]], seconds: float, block_s: f
 
 
 def step(module: torch.nn.Module, x: torch.Tensor, direction: str) -> Callable[[], object]:
-    """One forward (no grad) or one forward + backward of ``module`` on ``x``."""
+    """One forward (no grad) or one forward + backward of ``module`` on ``x`` (the gradients of a random cotangent,
+    as design.md's fwd+bwd and the suite's pipeline take them)."""
     if direction == "fwd":
         def call():
             with torch.no_grad():
                 return module(x)
         return call
     leaf = x.clone().requires_grad_()
+    return backward_call(lambda: module(leaf))
+
+
+def backward_call(forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+    """A call of ``forward`` and its backward from a random dense cotangent, drawn once: what a network's next layer
+    passes back (``.sum().backward()`` would pass an expanded scalar, every stride 0, which no network passes and
+    which kernels read through other code than a dense gradient)."""
+    with torch.no_grad():
+        cotangent = torch.randn_like(forward())
 
     def call():
-        module(leaf).sum().backward()
+        forward().backward(cotangent)
     return call
 
 
@@ -97,9 +107,7 @@ def op_call(k: int, direction: str, res: int = 32, batch: int = 1) -> Callable[[
                 return local_attention(*inputs, k, impl="native")
         return call
 
-    def call():
-        local_attention(*inputs, k, impl="native").sum().backward()
-    return call
+    return backward_call(lambda: local_attention(*inputs, k, impl="native"))
 
 
 def peak_probe(iterations: int = 500_000, threads: int = THREADS) -> tuple[Callable[[], object], list[float]]:

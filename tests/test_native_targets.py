@@ -1,7 +1,8 @@
 """scripts/native_targets.py: every target of issue 20 gets one line (measured, target, met or missed), with the
 machine's build and with every code path limited to AVX2 (--isa avx2: the kernel's AVX2 build, oneDNN's conv and
 MKL too); --repeat closes with each target's median, range and count met over the passes; bad arguments are one-line
-errors. Timing windows are tiny: what is checked is the wiring, not speed."""
+errors; the fwd+bwd steps pass a dense random cotangent. Timing windows are tiny: what is checked is the wiring,
+not speed."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import load_script
 from sasa_impls.impls import _native_build
@@ -87,6 +89,31 @@ def test_the_summary_judges_each_target_by_its_median():
         assert (float(match.group(4)), float(match.group(5))) == pytest.approx((values[0], values[2]), abs=6e-4)
         assert int(match.group(7)) == sum(run.met for run in runs) == 1  # one pass met, the median missed
         assert match.group(9) == "MISSED" and "detail" not in line
+
+
+def test_the_backward_takes_a_dense_random_cotangent():
+    """The fwd+bwd steps pass back what a network's next layer would (design.md's fwd+bwd: a random cotangent): a
+    dense gradient of fresh values, the same one on every call; ``.sum().backward()`` passes an expanded scalar of
+    ones, every stride 0, which kernels read through other code (fails here)."""
+    script = load_script(SCRIPT)
+    x = torch.randn(2, 8, 3, 5, requires_grad=True)
+    seen = []
+
+    def forward() -> torch.Tensor:
+        y = x.permute(0, 2, 3, 1) * 2  # (2, 3, 5, 8)
+        if y.requires_grad:
+            y.register_hook(seen.append)
+        return y
+
+    call = script.backward_call(forward)
+    call()
+    call()
+    first, second = seen
+    assert first.shape == (2, 3, 5, 8) and 0 not in first.stride()
+    assert first.untyped_storage().nbytes() == first.numel() * first.element_size()  # dense: a value per element
+    assert first.std() > 0.5 and first.unique().numel() == first.numel()
+    assert torch.equal(first, second)
+    assert torch.equal(x.grad, 2 * 2 * first.permute(0, 3, 1, 2))  # both calls' gradients, accumulated
 
 
 @pytest.mark.parametrize("args, message", [
