@@ -14,18 +14,21 @@ k^2 per pixel is stored (memory O(HW C); the forward's scratch does not grow wit
 probabilities from the saved log-sum-exp and sums per-band key gradients in band order, so every result is bitwise
 independent of the thread count. fp16 / bf16 / fp32 accumulate in fp32, fp64 in fp64 (the tests' oracle tolerances).
 Status (README "What the committed results say"): the fastest attention on the CPU at every benchmark shape; SASA2d(128,
-128, k=19) takes 1.21-1.24x a k = 3 convolution forward and 1.49-1.54x fwd+bwd on an AMD Zen 5 (AVX-512 with full-width
-FMAs; `sasa-bench claim`, 28 x 28 batch 1), 1.23-1.32x and 1.37-1.46x on an AMD Zen 4 (in its VM's fast pass), 1.5x
-and 2.0x on an AVX-512 Xeon (before the two changes below); the bare op at k = 19 reaches 44-56% of the physical FMA
-peak forward and 30-43% fwd+bwd on the Zen 5 (by the VM's pass), 56-69% and 42-55% on the Zen 4, 40-42% and 27-29% on
-the Xeon (`scripts/native_targets.py`). On the Zen 4 issue 20's 1.5x holds in every case of eight runs, forward and
-fwd+bwd (28 x 28 fwd+bwd 1.38-1.48x); on the Zen 5 in every case but 28 x 28 fwd+bwd (medians of eight passes 1.52x
-at batch 1, 1.61x at batch 8; 1.54x and 1.53x in three slower passes once the projection's product read its operand in
-place), since SASA2d on these kernels runs as one autograd node (sasa_impls/native_layer.py: the
-general path's Python and autograd glue between the kernels took 0.75-0.94 ms of a 4.6-4.9 ms step at 28 x 28 batch 1;
-the node's step 0.95-0.98x the general path's) and timing keeps glibc's heap (bench.measure.keep_freed_memory: the
-step had paid 48-131 page faults per call). The backward still pays an eighth of its lanes as padding at 28 x 28 (4
-interleaved heads spill its buffers out of L2); the projection's three products run at 86-92% of the FMA loop
+128, k=19) takes 1.21-1.29x a k = 3 convolution forward and 1.48-1.54x fwd+bwd on an AMD Zen 5 (AVX-512 with full-width
+FMAs; `sasa-bench claim`, 28 x 28 batch 1, four runs over two sessions), 1.23-1.32x and 1.37-1.46x on an AMD Zen 4 (in
+its VM's fast pass), 1.5x and 2.0x on an AVX-512 Xeon (before the two changes below); the bare op at k = 19 reaches
+42-56% of the physical FMA peak forward and 30-43% fwd+bwd on the Zen 5 (by the VM's pass; medians 47-52% and 35-37%),
+56-69% and 42-55% on the Zen 4, 40-42% and 27-29% on the Xeon (`scripts/native_targets.py`). On the Zen 4 issue 20's
+1.5x holds in every case of eight runs, forward and fwd+bwd (28 x 28 fwd+bwd 1.38-1.48x); on the Zen 5 in every case but
+28 x 28 fwd+bwd (medians of eight passes 1.52x at batch 1, 1.61x at batch 8; 1.54x and 1.53x in three slower passes once
+the projection's product read its operand in place; 1.53x and 1.52x over nine slow passes once the backward packed whole
+bands channel by channel and stored p skewed), since SASA2d on these kernels runs as one autograd node
+(sasa_impls/native_layer.py: the general path's Python and autograd glue between the kernels took 0.75-0.94 ms of a
+4.6-4.9 ms step at 28 x 28 batch 1; the node's step 0.95-0.98x the general path's) and timing keeps glibc's heap
+(bench.measure.keep_freed_memory: the step had paid 48-131 page faults per call). The backward still pays an eighth of
+its lanes as padding at 28 x 28 (4 interleaved heads spill its buffers out of L2), and its dK sweep reads dS diagonally,
+across two cache lines from L2 (p is stored skewed so that dV's reads are aligned: a skewed copy of dS cost more in
+stores than it saved); the projection's three products run at 86-92% of the FMA loop
 (csrc/cpu/gemm.h). What bounds it: the contraction microkernel alone, on data in L1, runs at 50-85% of the FMA-only rate
 (the per-block set-up and drain against reductions of only D = 16 or k = 19 terms; 97% at 76 terms on the Zen 4, though
 aggregating 4 key rows at once gained the forward 0-3%; the backward's dQ, dK and dV sum 4 x 19 terms per accumulator
